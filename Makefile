@@ -1,0 +1,42 @@
+# Two commands set everything up: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# This machine installs the CPU build of torch from local disk. On a GPU machine, pass a CUDA build, e.g.
+#   make run TORCH="torch==2.13.0 --index-url <the PyTorch wheel index for your CUDA version>"
+TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.runtime-installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+## run: create .venv, install raygpt, run the main job
+run: $(VENV)/.runtime-installed
+	$(BIN)/raygpt models
+	$(BIN)/raygpt init-export
+	$(BIN)/raygpt generate --prompt "ROMEO:" --max-tokens 24
+
+## test: create/update .venv with the dev extras, lint, run the whole suite
+test: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
