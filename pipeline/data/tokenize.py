@@ -1,0 +1,78 @@
+"""The tokenize stage: a callable class for Ray Data ``map_batches`` (the encoding is loaded once per actor).
+
+Each document becomes its BPE ids followed by ``<|endoftext|>`` (special-token strings inside the text are encoded
+as ordinary text). Summary rows pass through with no tokens. Output columns: ``file_index``, ``doc_index``,
+``split``, ``kind``, ``tokens`` (a list of ids per row, in :func:`token_dtype`) and ``info`` (the summary JSON of
+summary rows, else null).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.documents import KIND_DOCUMENT
+from pipeline.tokenizer import Tokenizer, get_tokenizer
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 while every id fits (GPT-2/GPT-3's 50257 do), else int32."""
+    return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.int32)
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids of all documents (each followed by <|endoftext|>) and the per-document lengths."""
+    dtype = token_dtype(tokenizer.n_vocab)
+    encoding = tokenizer.encoding
+    encoded: list[Any]
+    if num_threads > 1:
+        encoded = encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+    elif hasattr(encoding, "encode_to_numpy"):
+        # ids straight into a numpy buffer, no Python ints: what encode_ordinary gives, ~15% cheaper
+        encoded = [encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()) for text in texts]
+    else:
+        encoded = [encoding.encode_ordinary(text) for text in texts]
+    eot = tokenizer.eot_id
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    position = 0
+    for ids, length in zip(encoded, lengths, strict=True):
+        flat[position : position + length - 1] = ids
+        flat[position + length - 1] = eot
+        position += length
+    return flat, lengths
+
+
+class TokenizeDocuments:
+    """Ray Data actor: document rows (pyarrow) to token rows. One encoding load per actor."""
+
+    def __init__(self, tokenizer_name: str, tokenizer_file: str | None = None, num_threads: int = 1) -> None:
+        self.tokenizer = get_tokenizer(tokenizer_name, tokenizer_file)
+        self.num_threads = num_threads
+        self.value_type = pa.from_numpy_dtype(token_dtype(self.tokenizer.n_vocab))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        kind = batch.column("kind").to_numpy()
+        texts = batch.column("text").to_pylist()
+        is_doc = kind == KIND_DOCUMENT
+        flat, doc_lengths = encode_documents(
+            self.tokenizer, [t for t, d in zip(texts, is_doc, strict=True) if d], self.num_threads
+        )
+        lengths = np.zeros(len(texts), np.int64)
+        lengths[is_doc] = doc_lengths
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, self.value_type))
+        info = pa.array([None if d else t for t, d in zip(texts, is_doc, strict=True)], pa.large_string())
+        return pa.table(
+            {
+                "file_index": batch.column("file_index"),
+                "doc_index": batch.column("doc_index"),
+                "split": batch.column("split"),
+                "kind": batch.column("kind"),
+                "tokens": tokens,
+                "info": info,
+            }
+        )
