@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.hf import gpt_config_to_hf, to_hf_state_dict
 from pipeline.model import GPT, GPTConfig, GPTOutput, build_attention_mask, count_params, flops_per_token
 from pipeline.presets import PRESETS, UnknownPresetError, get_preset, preset_rows
 
@@ -358,13 +359,6 @@ def test_tiny_model_memorizes_one_batch() -> None:
 
 # --------------------------------------------------------------------------------- Hugging Face parity
 
-_CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-
-
-def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Same names; nn.Linear weights (out, in) -> GPT-2 Conv1D weights (in, out)."""
-    return {k: v.t().contiguous() if k.endswith(_CONV1D_WEIGHTS) else v for k, v in state_dict.items()}
-
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_logits_match_huggingface_gpt2(attn_implementation: str) -> None:
@@ -374,25 +368,12 @@ def test_logits_match_huggingface_gpt2(attn_implementation: str) -> None:
     with torch.no_grad():  # O(1) weights: at init scale (0.02) exact vs tanh GELU would hide below atol
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 and p.abs().sum() > 0 else 0.0, 0.3)
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.context_length,
-        n_embd=cfg.d_model,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        activation_function="gelu_new",
-        bos_token_id=cfg.vocab_size - 1,
-        eos_token_id=cfg.vocab_size - 1,
-    )
+    hf_cfg = gpt_config_to_hf(cfg)
     hf_cfg._attn_implementation = attn_implementation
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ours = model.state_dict()
     assert set(ours) == set(hf.state_dict())  # one-to-one names
-    hf.load_state_dict(to_hf_gpt2_state_dict(ours), strict=True)
+    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
 
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))

@@ -1,0 +1,332 @@
+"""Serve benchmark (not a test): output tokens/s and p50/p99 request latency at several client concurrencies.
+
+Compares, with the same weights (an untrained export of ``--preset``), prompts and lengths (greedy, exactly
+``--max-tokens`` new tokens per request):
+
+* ``hf-sequential``: Hugging Face ``GPT2LMHeadModel.generate`` in this process, one request at a time (what a
+  plain "call generate per request" server does); clients queue behind it.
+* ``hf-static-batch``: the same, but every ``generate`` call takes up to ``concurrency`` waiting requests at once
+  (left padding); a batch must finish before the next one starts.
+* ``serve-1`` / ``serve-2``: the raygpt Serve application over HTTP with 1 or 2 Generator replicas (continuous
+  batching), ``num_cpus_per_replica`` CPUs (= torch threads) each.
+
+The HF baselines use the same number of torch threads as one replica. Results are appended as the "Serve"
+section of bench/RESULTS.md (replacing an older Serve section, leaving other sections alone).
+
+    .venv/bin/python bench/serve.py                      # full run
+    .venv/bin/python bench/serve.py --quick              # a smoke run with few requests
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Running ``python bench/serve.py`` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
+# standard library's tokenize module (torch imports it): drop that entry before importing anything else.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from typing import Any  # noqa: E402
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.export import load_export, save_export  # noqa: E402
+from pipeline.hf import gpt_config_to_hf, to_hf_state_dict  # noqa: E402
+from pipeline.model import GPT  # noqa: E402
+from pipeline.presets import PRESETS  # noqa: E402
+from pipeline.tokenizer import get_tokenizer  # noqa: E402
+
+SAMPLE = REPO / "data" / "sample" / "shakespeare"
+
+
+def make_prompts(count: int, min_tokens: int, max_tokens: int) -> list[list[int]]:
+    """Lines of the sample corpus, ``min_tokens``..``max_tokens`` tokens long (deterministic)."""
+    tokenizer = get_tokenizer()
+    prompts: list[list[int]] = []
+    for path in sorted(SAMPLE.glob("*.txt")):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for line in text.splitlines()[200:]:
+            ids = tokenizer.encode(line.strip())
+            if min_tokens <= len(ids) <= max_tokens:
+                prompts.append(ids)
+                if len(prompts) == count:
+                    return prompts
+    if not prompts:
+        raise RuntimeError(f"no prompts found under {SAMPLE}")
+    return (prompts * count)[:count]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def drive(call: Callable[[list[int]], int], prompts: list[list[int]], concurrency: int) -> dict[str, float]:
+    """``concurrency`` client threads send the prompts (each request waits for its answer)."""
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def one(prompt: list[int]) -> None:
+        nonlocal tokens
+        start = time.perf_counter()
+        produced = call(prompt)
+        elapsed = time.perf_counter() - start
+        with lock:
+            latencies.append(elapsed)
+            tokens += produced
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    return {
+        "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": percentile(latencies, 99),
+        "requests": len(latencies),
+        "wall_s": wall,
+    }
+
+
+class HFServer:
+    """HF generate on one worker thread; each call takes up to ``max_batch`` requests waiting at that moment."""
+
+    def __init__(self, export: str, max_new_tokens: int, threads: int, max_batch: int) -> None:
+        import transformers
+
+        torch.set_num_threads(threads)
+        model, info = load_export(export)
+        self.model = transformers.GPT2LMHeadModel(gpt_config_to_hf(info.model)).eval()
+        self.model.load_state_dict(to_hf_state_dict(model.state_dict()), strict=True)
+        self.eot = info.model.vocab_size - 1
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        self.cv = threading.Condition()
+        self.waiting: list[tuple[list[int], dict[str, Any], threading.Event]] = []
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def _generate(self, prompts: list[list[int]]) -> list[int]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.eot, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                min_new_tokens=self.max_new_tokens,
+                pad_token_id=self.eot,
+            )
+        return [out.size(1) - width] * len(prompts)
+
+    def _worker(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: bool(self.waiting))
+                batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            for (_, slot, done), n in zip(batch, self._generate([p for p, _, _ in batch]), strict=True):
+                slot["tokens"] = n
+                done.set()
+
+    def __call__(self, prompt: list[int]) -> int:
+        slot: dict[str, Any] = {}
+        done = threading.Event()
+        with self.cv:
+            self.waiting.append((prompt, slot, done))
+            self.cv.notify()
+        done.wait()
+        return int(slot["tokens"])
+
+
+def serve_client(url: str, max_tokens: int) -> Callable[[list[int]], int]:
+    session_local = threading.local()
+
+    def call(prompt: list[int]) -> int:
+        session = getattr(session_local, "session", None)
+        if session is None:
+            session = session_local.session = requests.Session()
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        r = session.post(f"{url}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    return call
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x conc))")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--skip", nargs="*", default=[], help="systems to skip (hf-sequential, serve-2, ...)")
+    parser.add_argument("--quick", action="store_true", help="few requests, concurrency 1 and 8")
+    parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.requests = [1, 8], 8
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cfg = PRESETS[args.preset].model
+    tokenizer = get_tokenizer()
+    workdir = Path(tempfile.mkdtemp(prefix="raygpt-bench-"))
+    torch.manual_seed(0)
+    export = save_export(GPT(cfg), cfg, workdir / "export", tokenizer.info(), metadata={"stage": "bench"})
+    prompt_budget = cfg.context_length - args.max_tokens
+    threads = max(1, int(args.cpus_per_replica))
+
+    load_start = os.getloadavg()[0]  # other work on the machine skews every number: reported with them
+    levels = {c: (args.requests or max(8, 2 * c)) for c in args.concurrency}
+    prompts = make_prompts(max(levels.values()), 8, min(32, prompt_budget))
+    results: dict[str, dict[int, dict[str, float]]] = {}
+
+    def run_levels(name: str, call: Callable[[list[int]], int]) -> None:
+        call(prompts[0])  # warm up
+        results[name] = {}
+        for c, n in levels.items():
+            results[name][c] = drive(call, prompts[:n], c)
+            r = results[name][c]
+            print(
+                f"{name:>16} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s"
+                f"  ({int(r['requests'])} requests, {r['wall_s']:.1f} s)",
+                flush=True,
+            )
+
+    for name, max_batch in (("hf-sequential", 1), ("hf-static-batch", max(levels))):
+        if name not in args.skip:
+            run_levels(name, HFServer(export, args.max_tokens, threads, max_batch))
+
+    import ray
+    from ray import serve
+
+    from pipeline.serve import APP_NAME, deploy
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    max_ongoing = max(levels)
+    for replicas in (1, 2):
+        name = f"serve-{replicas}"
+        if name in args.skip:
+            continue
+        config = PipelineConfig.model_validate(
+            {
+                "run": {"dir": str(workdir)},
+                "serve": {
+                    "port": port,
+                    "num_replicas": replicas,
+                    "max_ongoing_requests": max_ongoing,
+                    "max_batch_size": max_ongoing,
+                    "max_queued_requests": -1,
+                    "num_cpus_per_replica": args.cpus_per_replica,
+                    "request_timeout_s": 600,
+                },
+            }
+        )
+        url = deploy(config, export)
+        run_levels(name, serve_client(url, args.max_tokens))
+        serve.delete(APP_NAME)
+    serve.shutdown()
+    ray.shutdown()
+
+    load = f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    write_results(args, cfg, levels, results, threads, load)
+    return 0
+
+
+def write_results(
+    args: argparse.Namespace,
+    cfg: Any,
+    levels: dict[int, int],
+    results: dict[str, Any],
+    threads: int,
+    load: str,
+) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    lines = [
+        "## Serve",
+        "",
+        f"`bench/serve.py` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs "
+        f"({cpu}), torch {torch.__version__}, CPU fp32. Model: untrained `{args.preset}` "
+        f"({cfg.n_layer} layers, d_model {cfg.d_model}, context {cfg.context_length}); prompts 8-32 tokens from the "
+        f"sample corpus; greedy, {args.max_tokens} new tokens per request; {threads} torch thread(s) per replica and "
+        "for the HF baselines. Latency is per request, client-side (queueing included); serve-* go through HTTP "
+        f"(proxy, ingress and client threads share the same CPUs). Machine {load}.",
+        "",
+        "| system | concurrency | requests | output tok/s | p50 latency (s) | p99 latency (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, per_level in results.items():
+        for c, r in per_level.items():
+            lines.append(
+                f"| {name} | {c} | {int(r['requests'])} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
+                f"{r['p99_s']:.2f} |"
+            )
+    lines.append("")
+    ratios = []
+    for c in levels:
+        one = results.get("serve-1", {}).get(c)
+        if one is None:
+            continue
+        for base in ("hf-sequential", "hf-static-batch"):
+            if c in results.get(base, {}):
+                ratios.append(
+                    f"serve-1 / {base} at c={c}: {one['tokens_per_s'] / results[base][c]['tokens_per_s']:.2f}x"
+                )
+        if c in results.get("serve-2", {}):
+            ratios.append(
+                f"serve-2 / serve-1 at c={c}: {results['serve-2'][c]['tokens_per_s'] / one['tokens_per_s']:.2f}x"
+            )
+    if ratios:
+        lines += ["Throughput ratios: " + "; ".join(ratios) + ".", ""]
+    section = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    existing = out.read_text(encoding="utf-8") if out.exists() else "# Benchmarks\n\n"
+    pattern = re.compile(r"^## Serve\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(existing):
+        updated = pattern.sub(lambda _m: section + "\n", existing, count=1).rstrip("\n") + "\n"
+    else:
+        updated = existing.rstrip("\n") + "\n\n" + section
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(updated, encoding="utf-8")
+    print(f"wrote the Serve section of {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
