@@ -15,7 +15,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,9 @@ class GPTConfig:
         return cls(**d)
 
 
-@dataclass
-class GPTOutput:
+class GPTOutput(NamedTuple):
+    """A named tuple, so DeepSpeed ZeRO-3's backward hooks can see the tensors it holds."""
+
     logits: torch.Tensor  # (B, T_new, vocab_size)
     loss: torch.Tensor | None = None  # only when targets are given
     past_key_values: KVCache | None = None  # only when use_cache=True

@@ -1,0 +1,163 @@
+"""Train-stage benchmark (not a test): raygpt's Ray Train + DeepSpeed ZeRO-3 step against a plain PyTorch loop.
+
+All figures come from one run on one machine, so only ratios are compared:
+
+* tokens/s of raygpt's training step with 1 worker vs a plain single-process PyTorch loop with the same model,
+  micro-batch, optimizer (AdamW, GPT-3 betas, clipping) and thread count (target >= 0.85);
+* tokens/s with 2 workers vs 1 worker (target >= 1.6x on 2 cores);
+* MFU against the fp32 matmul peak of one thread measured in the same run.
+
+Usage: ``python bench/train.py [--steps 40] [--preset tiny]``; results go into bench/RESULTS.md under "## Train".
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# ``python bench/train.py`` puts bench/ first on sys.path, where bench/tokenize.py would shadow the standard
+# library's tokenize module (torch imports it): drop that entry before importing anything else.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+WARMUP_STEPS = 5
+
+
+def plain_pytorch(preset: str, context: int, micro_batch: int, steps: int, lr: float) -> float:
+    """Median tokens/s of a plain single-process loop (one thread, like one Ray worker with one CPU)."""
+    from pipeline.model import GPT
+    from pipeline.presets import PRESETS
+    from pipeline.train_worker import param_groups
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(PRESETS[preset].model)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    batch = torch.randint(0, 50257, (micro_batch, context + 1))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return micro_batch * context / statistics.median(times[WARMUP_STEPS:])
+
+
+def raygpt_run(run_dir: Path, workers: int, preset: str, context: int, micro_batch: int, steps: int) -> dict:
+    from pipeline.config import load_config
+    from pipeline.train import pretrain
+
+    config = load_config(
+        overrides=[
+            f"run.dir={run_dir}",
+            f"run.name=bench-{workers}w",
+            f"model.preset={preset}",
+            f"data.context_length={context}",
+            f"train.num_workers={workers}",
+            f"train.micro_batch_size={micro_batch}",
+            f"train.batch_tokens={micro_batch * workers * context}",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every={steps}",
+            f"train.eval_every={steps}",
+            "train.eval_batches=1",
+            "train.max_failures=0",
+        ]
+    )
+    pretrain(config, fresh=True)
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[WARMUP_STEPS:-1]  # the last step also evaluates
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "mfu": statistics.median(r["mfu"] for r in timed if r["mfu"] is not None),
+    }
+
+
+def matmul_peak() -> float:
+    from pipeline.train_metrics import measure_peak_flops
+
+    torch.set_num_threads(1)
+    return max(measure_peak_flops(torch.device("cpu")) for _ in range(3))
+
+
+def write_section(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find("## Train")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 :] if end >= 0 else text[:start]
+    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.data.build import tokenize_corpus
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    root = Path(tempfile.mkdtemp(prefix="raygpt-bench-train-"))
+    tokenize_corpus(load_config(overrides=[f"run.dir={root}", f"data.context_length={args.context}"]))
+
+    peak = matmul_peak()
+    plain = plain_pytorch(args.preset, args.context, args.micro_batch, args.steps, 2e-3)
+    one = raygpt_run(root, 1, args.preset, args.context, args.micro_batch, args.steps)
+    two = raygpt_run(root, 2, args.preset, args.context, args.micro_batch, args.steps)
+    from pipeline.model import flops_per_token
+    from pipeline.presets import PRESETS
+
+    fpt = flops_per_token(PRESETS[args.preset].model, args.context)
+    rows = [
+        ("plain PyTorch loop, 1 process, 1 thread", plain, fpt * plain / peak, "baseline"),
+        ("raygpt ZeRO-3, 1 worker", one["tokens_per_s"], fpt * one["tokens_per_s"] / peak, one["tokens_per_s"] / plain),
+        (
+            "raygpt ZeRO-3, 2 workers",
+            two["tokens_per_s"],
+            fpt * two["tokens_per_s"] / (2 * peak),
+            two["tokens_per_s"] / one["tokens_per_s"],
+        ),
+    ]
+    section = [
+        "## Train",
+        "",
+        f"`python bench/train.py --steps {args.steps} --preset {args.preset}` on {platform.machine()} "
+        f"({torch.get_num_threads()} threads visible, {platform.processor() or 'cpu'}), "
+        f"{time.strftime('%Y-%m-%d')}; model `{args.preset}`, micro-batch {args.micro_batch} x {args.context} "
+        f"tokens per worker, fp32, median over steps {WARMUP_STEPS + 1}..{args.steps - 1}.",
+        f"fp32 matmul peak of one thread measured in the same run: {peak / 1e9:.1f} GFLOP/s.",
+        "",
+        "| setup | tokens/s | MFU (vs measured fp32 peak per worker) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    labels = ["", "vs plain PyTorch (target >= 0.85)", "vs 1 worker (target >= 1.6)"]
+    for (name, tps, mfu, ratio), label in zip(rows, labels, strict=True):
+        ratio_text = ratio if isinstance(ratio, str) else f"{ratio:.2f}x {label}"
+        section.append(f"| {name} | {tps:,.0f} | {mfu:.1%} | {ratio_text} |")
+    text = "\n".join(section)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
