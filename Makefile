@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: run test lint clean
+.PHONY: run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,21 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.runtime-installed
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
-## run: create .venv, install raygpt, run the main job
+## run: create .venv, install raygpt, run the whole pipeline (raw text -> served model; Ctrl-C stops serving)
+RUN_ARGS ?=
 run: $(VENV)/.runtime-installed
-	$(BIN)/raygpt models
-	$(BIN)/raygpt init-export
-	$(BIN)/raygpt generate --prompt "ROMEO:" --max-tokens 24
+	$(BIN)/raygpt run $(RUN_ARGS)
 
 ## test: create/update .venv with the dev extras, lint, run the whole suite
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## bench: tokenize, train and serve benchmarks (ratios against baselines measured in the same run) -> bench/RESULTS.md
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
