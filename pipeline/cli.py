@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.data.errors import DataError
 from pipeline.export import ExportError
 from pipeline.tokenizer import TokenizerError
+from pipeline.train import TrainError
 
 
 def _human(count: float) -> str:
@@ -37,6 +39,13 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     sys.stdout.write(_config(args).to_yaml())
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from pipeline.config_docs import reference_markdown
+
+    print(reference_markdown())
     return 0
 
 
@@ -84,33 +93,82 @@ def cmd_init_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from pipeline import storage
-    from pipeline.export import load_export
-    from pipeline.generate import sample
-    from pipeline.tokenizer import get_tokenizer
+    """Complete prompts locally with the batched generation engine (no Ray, no Serve)."""
+    from pipeline.generate import SamplingParams, complete
 
     config = _config(args)
-    location = args.export or storage.join(config.run.dir, "export", "init")
-    model, info = load_export(location)
-    tokenizer = get_tokenizer(info.tokenizer.get("name", config.data.tokenizer), config.data.tokenizer_file)
-    if info.tokenizer.get("sha256") not in (None, tokenizer.sha256):
-        raise ExportError(f"export {location!r} was made with another {tokenizer.name} file (sha256 differs)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    new_ids = sample(
-        model,
-        prompt_ids,
-        max_new_tokens=args.max_tokens,
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
+        stop=tuple(args.stop),
         seed=args.seed if args.seed is not None else config.run.seed,
-        stop_ids=(tokenizer.eot_id,),
     )
-    print(args.prompt + tokenizer.decode(new_ids))
+    prompts: list[str] = args.prompt
+    if len(prompts) == 1:  # stream the one completion as it is generated
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+        def show(_index: int, text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        complete(config, prompts, params, args.export, on_text=show)
+        sys.stdout.write("\n")
+        return 0
+    for prompt, completion in zip(prompts, complete(config, prompts, params, args.export), strict=True):
+        print(f"{prompt}{completion.text}\n[{completion.finish_reason}, {completion.completion_tokens} tokens]\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the OpenAI-compatible endpoint on Ray Serve (blocking unless --detach), or stop it (--stop)."""
+    import os
+
+    from pipeline.serve import curl_example, deploy, serve_forever, shutdown
+
+    config = _config(args)
+    if (args.detach or args.stop) and not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError(
+            f"{'--detach' if args.detach else '--stop'} needs a running Ray cluster that keeps the endpoint: set "
+            "run.ray_address (or RAY_ADDRESS), e.g. after `ray start --head`"
+        )
+    if args.stop:
+        from pipeline.raycluster import connect
+
+        connect(config.run)
+        shutdown()
+        print("raygpt serve: application deleted and Serve stopped")
+        return 0
+    url = deploy(config, args.export)
+    print(f"\nraygpt: serving {config.serve.model_name!r} at {url}  (OpenAI API: {url}/v1, docs: {url}/docs)")
+    print(curl_example(config, url))
+    if args.detach:
+        print("raygpt: detached; stop it with `raygpt serve --stop` (same --config/--set)")
+        return 0
+    print("raygpt: Ctrl-C stops the endpoint")
+    sys.stdout.flush()
+    serve_forever()
+    print("raygpt: endpoint stopped")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Tokenize data.inputs into <run.dir>/data (packed sequences + manifest)."""
+    from pipeline.data.build import tokenize_corpus
+
+    result = tokenize_corpus(_config(args), overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
+def cmd_tokenize_finetune(args: argparse.Namespace) -> int:
+    """Tokenize finetune.inputs / finetune.eval_inputs into <run.dir>/finetune_data."""
+    from pipeline.data.finetune import tokenize_finetune
+
+    result = tokenize_finetune(_config(args), overwrite=args.overwrite)
+    print(result.summary())
     return 0
 
 
@@ -125,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved config tree as YAML")
     _config_args(show)
     show.set_defaults(handler=cmd_config_show)
+    reference = config_commands.add_parser("reference", help="print the config reference (Markdown, as in README)")
+    reference.set_defaults(handler=cmd_config_reference)
 
     models = commands.add_parser("models", help="list the model presets (GPT-3 Table 2.1 and tiny CPU sizes)")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -135,19 +195,53 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", metavar="DIR", help="export directory (default <run.dir>/export/init)")
     init.set_defaults(handler=cmd_init_export)
 
-    generate = commands.add_parser("generate", help="complete a prompt locally from an export (no Serve)")
+    export_help = "export directory or URI (default: serve.export, else <run.dir>/export/finetuned, pretrained, init)"
+    generate = commands.add_parser("generate", help="complete prompts locally from an export (no Serve)")
     _config_args(generate)
-    generate.add_argument("--export", metavar="DIR", help="export directory or URI (default <run.dir>/export/init)")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--export", metavar="DIR", help=export_help)
+    generate.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     generate.add_argument("--max-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=50)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, default=50, help="0: off")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--seed", type=int, default=None, help="default: run.seed")
     generate.set_defaults(handler=cmd_generate)
+
+    serve_cmd = commands.add_parser("serve", help="serve an export over an OpenAI-compatible HTTP API (Ray Serve)")
+    _config_args(serve_cmd)
+    serve_cmd.add_argument("--export", metavar="DIR", help=export_help)
+    serve_cmd.add_argument("--detach", action="store_true", help="return once up, leaving it on the Ray cluster")
+    serve_cmd.add_argument("--stop", action="store_true", help="delete the application and stop Serve")
+    serve_cmd.set_defaults(handler=cmd_serve)
+
+    tokenize = commands.add_parser("tokenize", help="tokenize and pack data.inputs into <run.dir>/data")
+    _config_args(tokenize)
+    tokenize.add_argument("--overwrite", action="store_true", help="replace a different dataset already there")
+    tokenize.set_defaults(handler=cmd_tokenize)
+
+    tokenize_ft = commands.add_parser(
+        "tokenize-finetune", help="tokenize prompt/completion data into <run.dir>/finetune_data"
+    )
+    _config_args(tokenize_ft)
+    tokenize_ft.add_argument("--overwrite", action="store_true", help="replace a different dataset already there")
+    tokenize_ft.set_defaults(handler=cmd_tokenize_finetune)
+
+    from pipeline.cli_train import add_commands as add_train_commands
+
+    add_train_commands(commands, _config_args)
     return parser
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ExportError, TokenizerError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    TrainError,
+    ExportError,
+    TokenizerError,
+    DataError,
+    ValueError,
+    FileNotFoundError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

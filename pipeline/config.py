@@ -57,6 +57,18 @@ class DataSection(Section):
         "replace", description="Invalid UTF-8 bytes: replace them (and count) or fail naming the file."
     )
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of documents held out for validation.")
+    skip_binary: bool = Field(
+        False, description="Files with NUL bytes: fail naming the file (false) or skip them and count (true)."
+    )
+    pack_tail: Literal["drop", "wrap"] = Field(
+        "drop",
+        description="The last partial sequence of a split: drop its tokens (counted) or complete it with tokens "
+        "from the split's start (counted).",
+    )
+    shard_sequences: int = Field(8192, ge=1, description="Sequences per parquet shard of the tokenized dataset.")
+    num_tokenizers: int | None = Field(
+        None, ge=1, description="Tokenizer actors of `raygpt tokenize`; empty: one per CPU of the Ray cluster."
+    )
 
 
 class ModelSection(Section):
@@ -98,8 +110,10 @@ class TrainSection(Section):
     batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="Global batch in tokens (micro-batch x accumulation x workers x context); "
-        "empty: 8 sequences per worker.",
+        description="Global batch in tokens (micro-batch x accumulation x workers x context); empty: the preset's.",
+    )
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="End this invocation after N more steps (checkpointed); run again to resume."
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
     learning_rate: float | None = Field(
@@ -129,7 +143,7 @@ class FinetuneSection(Section):
     )
     init_from: str | None = Field(None, description="Export to start from; empty: <run.dir>/export/pretrained.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps of fine-tuning.")
-    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate of fine-tuning.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of fine-tuning.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per worker per forward pass.")
     overlong: Literal["truncate", "reject"] = Field(
         "truncate", description="Examples longer than the context: cut the prompt's start, or skip them (counted)."
@@ -137,9 +151,9 @@ class FinetuneSection(Section):
 
 
 class AutoscalingSection(Section):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(4.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(2, ge=1, description="Most model replicas.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica to scale toward.")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSection:
@@ -152,15 +166,25 @@ class ServeSection(Section):
     host: str = Field("127.0.0.1", description="Bind address of the HTTP endpoint (0.0.0.0 exposes it).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     model_name: str = Field("raygpt", description="Model id clients send in 'model' and see in /v1/models.")
-    export: str | None = Field(None, description="Export served; empty: <run.dir>/export/finetuned, else pretrained.")
+    export: str | None = Field(
+        None, description="Export served; empty: the first of <run.dir>/export/finetuned, pretrained, init."
+    )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
     autoscaling: AutoscalingSection | None = Field(None, description="Autoscale between min and max replicas.")
     max_ongoing_requests: int = Field(8, ge=1, description="Concurrent requests per replica.")
     max_queued_requests: int = Field(32, ge=-1, description="Queued requests before HTTP 503 (-1: unbounded).")
-    max_batch_size: int = Field(8, ge=1, description="Sequences decoded together on a replica.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Sequences decoded together on a replica (continuous batching; more wait their turn)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="An idle replica waits this long after a request so that others share its prefill."
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request time limit.")
     api_key: SecretStr | None = Field(None, description="Require 'Authorization: Bearer <key>' (also RAYGPT_API_KEY).")
+    num_cpus_per_replica: float = Field(
+        1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
+    )
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica; > 0 runs it on CUDA in bf16.")
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeSection:

@@ -20,4 +20,5 @@ def connect(run: RunSection) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=run.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a new local Ray, never a cluster some other `ray start` left on this machine
+        ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=False, log_to_driver=True)

@@ -133,3 +133,22 @@ def test_every_section_forbids_unknown_keys() -> None:
     for name, field in PipelineConfig.model_fields.items():
         section = field.annotation
         assert section.model_config.get("extra") == "forbid", name
+
+
+def test_readme_config_reference_is_generated_from_the_models() -> None:
+    from pipeline.config_docs import BEGIN, END, reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    assert BEGIN in readme and END in readme, "README.md lacks the generated config reference"
+    shown = readme[readme.index(BEGIN) : readme.index(END) + len(END)]
+    assert shown == reference_markdown(), "README.md's config reference is stale: paste `raygpt config reference`"
+    for key in [
+        "run.dir",
+        "data.inputs",
+        "data.context_length",
+        "model.preset",
+        "train.max_steps",
+        "train.num_workers",
+        "serve.port",
+    ]:
+        assert f"`{key}`" in shown
