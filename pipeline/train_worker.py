@@ -31,22 +31,27 @@ METRICS_FILE = "metrics.jsonl"
 IGNORE = -100
 
 
-class PretrainBatches:
-    """Packed sequences: inputs are tokens[:-1], targets tokens[1:], every target counts."""
+class Batches:
+    """One rank's micro-batches from a dataset's train split, in the resumable order, and its share of the
+    evaluation split. Subclasses open the stores and turn rows into (inputs, targets)."""
+
+    train_split, eval_split = "train", "val"
 
     def __init__(self, plan: TrainPlan, rank: int, world: int) -> None:
-        from pipeline.data.reader import SequenceStore, load_manifest
+        from pipeline.data.reader import load_manifest
 
         manifest = load_manifest(plan.data_dir)
         self.plan, self.rank, self.world = plan, rank, world
-        self.train = SequenceStore(manifest, "train")
-        self.val = SequenceStore(manifest, "val")
+        self.train = self.open(manifest, self.train_split)
+        self.val = self.open(manifest, self.eval_split)
         self.order = SequenceOrder(len(self.train), plan.seed)
         self.reader = ChunkedReader(self.train, self.order.chunk, cache_chunks=self.order.window + 1)
 
-    def _tensors(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+    def open(self, manifest: Any, split: str) -> Any:
+        raise NotImplementedError
+
+    def _tensors(self, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def micro_batch(self, consumed: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         mb = self.plan.micro_batch_size
@@ -60,19 +65,32 @@ class PretrainBatches:
             yield self._tensors(list(self.val.read(start, min(start + mb, total))))
 
 
-class FinetuneBatches:
+class PretrainBatches(Batches):
+    """Packed sequences: inputs are tokens[:-1], targets tokens[1:], every target counts."""
+
+    def open(self, manifest: Any, split: str) -> Any:
+        from pipeline.data.reader import SequenceStore
+
+        return SequenceStore(manifest, split)
+
+    def _tensors(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+
+class FinetuneBatches(Batches):
     """Variable-length prompt/completion examples, right-padded; loss only where the mask says so."""
 
-    def __init__(self, plan: TrainPlan, rank: int, world: int) -> None:
-        from pipeline.data.reader import FinetuneStore, load_manifest
+    eval_split = "heldout"
 
-        manifest = load_manifest(plan.data_dir)
-        self.plan, self.rank, self.world = plan, rank, world
-        self.train = FinetuneStore(manifest, "train")
-        self.val = FinetuneStore(manifest, "heldout")
-        self.order = SequenceOrder(len(self.train), plan.seed)
-        self.reader = ChunkedReader(self.train, self.order.chunk, cache_chunks=self.order.window + 1)
+    def __init__(self, plan: TrainPlan, rank: int, world: int) -> None:
+        super().__init__(plan, rank, world)
         self.pad_id = int(plan.tokenizer.get("eot_id", 50256))
+
+    def open(self, manifest: Any, split: str) -> Any:
+        from pipeline.data.reader import FinetuneStore
+
+        return FinetuneStore(manifest, split)
 
     def _tensors(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids, _ in examples) - 1
@@ -85,17 +103,6 @@ class FinetuneBatches:
             inputs[row, :n] = ids_t[:-1]
             targets[row, :n] = torch.where(keep, ids_t[1:], torch.full_like(ids_t[1:], IGNORE))
         return inputs, targets
-
-    def micro_batch(self, consumed: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mb = self.plan.micro_batch_size
-        start = SequenceOrder.micro_batch_start(consumed, micro_step, self.rank, self.world, mb)
-        return self._tensors(self.reader.take(self.order.indices(start, mb)))
-
-    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        mb = self.plan.micro_batch_size
-        total = min(len(self.val), self.plan.eval_batches * mb * self.world)
-        for start in range(self.rank * mb, total, self.world * mb):
-            yield self._tensors(list(self.val.read(start, min(start + mb, total))))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -260,7 +267,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def evaluate(engine: Any, batches: PretrainBatches | FinetuneBatches, device: torch.device) -> dict[str, float]:
+def evaluate(engine: Any, batches: Batches, device: torch.device) -> dict[str, float]:
     """Validation loss (mean over target tokens, all ranks) and perplexity."""
     engine.eval()
     loss_sum, count = 0.0, 0.0
