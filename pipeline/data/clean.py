@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.data.errors import DataError
 
@@ -75,11 +76,9 @@ def split_text(text: str, mode: str) -> list[str]:
     raise ValueError(f"unknown txt document mode {mode!r}")
 
 
-def jsonl_texts(text: str, name: str, field: str) -> Iterator[tuple[int, str | None]]:
-    """(line number, text or None for an empty document) per non-blank line of a JSONL file.
-
-    Raises DataError naming the file and line for a line that is not a JSON object or lacks ``field``.
-    """
+def jsonl_records(text: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line of a JSONL file; DataError naming the file and line for a line
+    that is not a JSON object."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -89,6 +88,15 @@ def jsonl_texts(text: str, name: str, field: str) -> Iterator[tuple[int, str | N
             raise DataError(f"{name}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{name}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def jsonl_texts(text: str, name: str, field: str) -> Iterator[tuple[int, str | None]]:
+    """(line number, text or None for an empty document) per non-blank line of a JSONL file.
+
+    Raises DataError naming the file and line for a line that is not a JSON object or lacks ``field``.
+    """
+    for number, record in jsonl_records(text, name):
         if field not in record:
             keys = ", ".join(sorted(record)) or "none"
             raise DataError(

@@ -21,7 +21,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.data import clean
+from pipeline.data.build import BuildResult
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_target, fingerprint
 from pipeline.data.pack import file_sha256
@@ -43,16 +43,12 @@ from pipeline.tokenizer import Tokenizer, get_tokenizer
 SPLITS = ("train", "heldout")
 
 
-@dataclass
-class FinetuneResult:
-    location: str
-    manifest: dict[str, Any]
-    up_to_date: bool
-    seconds: float
+class FinetuneResult(BuildResult):
+    """What ``raygpt tokenize-finetune`` did (same fields as the pretraining build's result)."""
 
     def summary(self) -> str:
         if self.up_to_date:
-            return f"{self.location} is up to date (same inputs and settings): nothing to do"
+            return super().summary()
         parts = []
         for name, info in self.manifest["splits"].items():
             text = f"{name} {info['examples']:,} examples ({info['tokens']:,} tokens"
@@ -69,15 +65,7 @@ def finetune_location(config: PipelineConfig) -> str:
 def parse_jsonl(text: str, name: str) -> list[tuple[int, str, str]]:
     """(line, prompt, completion) of every non-blank line; DataError naming file and line otherwise."""
     examples = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{name}, line {number}: expected a JSON object with prompt and completion")
+    for number, record in clean.jsonl_records(text, name):
         for field in ("prompt", "completion"):
             if field not in record:
                 raise DataError(f"{name}, line {number}: no {field!r} field (fields: {', '.join(sorted(record))})")
