@@ -114,6 +114,7 @@ class LocalHead:
         self.token = secrets.token_hex(32)
         self.log_path = self.root / "ray-start.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.ports = free_ports(9)
         (
             self.gcs_port,
             self.dashboard_port,
@@ -124,7 +125,7 @@ class LocalHead:
             self.agent_grpc_port,
             self.runtime_env_agent_port,
             self.metrics_port,
-        ) = free_ports(9)
+        ) = self.ports
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -156,17 +157,7 @@ class LocalHead:
         if self.auth:
             self.token_path.write_text(self.token)
             self.token_path.chmod(0o600)
-        used = {
-            self.gcs_port,
-            self.dashboard_port,
-            self.client_port,
-            self.node_manager_port,
-            self.object_manager_port,
-            self.agent_http_port,
-            self.agent_grpc_port,
-            self.runtime_env_agent_port,
-            self.metrics_port,
-        }
+        used = set(self.ports)
         min_worker, max_worker = free_port_range(200, used)
         command = [
             str(BIN / "ray"),
@@ -297,3 +288,16 @@ def job_status(head: LocalHead, submission_id: str) -> dict[str, Any]:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def wait_for_job(head: LocalHead, submission_id: str, timeout_s: float, poll_s: float = 2.0) -> tuple[str, str]:
+    """Poll a job until it ends or ``timeout_s`` passes; returns (last status, its logs)."""
+    deadline = time.monotonic() + timeout_s
+    status = "PENDING"
+    while time.monotonic() < deadline:
+        status = job_status(head, submission_id)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(poll_s)
+    logs = head.ray("job", "logs", "--address", head.dashboard_url, submission_id)
+    return status, logs.stdout + logs.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_helpers import REPO, LocalHead, job_status, tagged_pids
+from cluster_helpers import REPO, LocalHead, tagged_pids, wait_for_job
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 # The fake provider always names the head's node type this (FAKE_HEAD_NODE_TYPE in its node_provider.py).
@@ -144,15 +144,7 @@ def test_autoscaler_adds_workers_for_a_job_and_removes_them_when_idle(autoscaler
             "240",
         )
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        deadline = time.monotonic() + 300
-        status = "PENDING"
-        while time.monotonic() < deadline:
-            status = job_status(head, submission_id)["status"]
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                break
-            time.sleep(2)
-        logs = head.ray("job", "logs", "--address", head.dashboard_url, submission_id)
-        output = logs.stdout + logs.stderr
+        status, output = wait_for_job(head, submission_id, 300)
         assert status == "SUCCEEDED", f"job ended {status}:\n{output[-5000:]}\n{head.log()}"
         lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
         assert lines, output[-3000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import ray._private.utils as ray_utils
-from cluster_helpers import REPO, LocalHead, free_ports, job_status, tagged_pids
+from cluster_helpers import REPO, LocalHead, free_ports, tagged_pids, wait_for_job
 
 JOB_TIMEOUT_S = 900
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "bench"]
@@ -85,18 +85,6 @@ def _submit(head: LocalHead, entrypoint: list[str]) -> str:
     return submission_id
 
 
-def _wait(head: LocalHead, submission_id: str, timeout_s: float) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout_s
-    status = "PENDING"
-    while time.monotonic() < deadline:
-        status = job_status(head, submission_id)["status"]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
-    logs = head.ray("job", "logs", "--address", head.dashboard_url, submission_id)
-    return status, logs.stdout + logs.stderr
-
-
 def _get(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -128,7 +116,7 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         submission_id = _submit(
             head, ["python", "jobs/run.py", *_tiny_overrides(tmp_path, corpus, finetune, serve_port)]
         )
-        status, logs = _wait(head, submission_id, JOB_TIMEOUT_S)
+        status, logs = wait_for_job(head, submission_id, JOB_TIMEOUT_S, poll_s=3)
         assert status == "SUCCEEDED", f"job {submission_id} ended {status}:\n{logs[-6000:]}\n{head.log()}"
         assert "raygpt run summary" in logs
 
@@ -150,7 +138,7 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         stop_id = _submit(
             head, ["python", "jobs/serve.py", "--stop", *_tiny_overrides(tmp_path, corpus, finetune, serve_port)]
         )
-        status, logs = _wait(head, stop_id, 300)
+        status, logs = wait_for_job(head, stop_id, 300, poll_s=3)
         assert status == "SUCCEEDED", f"job {stop_id} ended {status}:\n{logs[-4000:]}"
         deadline = time.monotonic() + 60
         while _get(f"http://127.0.0.1:{serve_port}/health") == 200 and time.monotonic() < deadline:
