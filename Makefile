@@ -34,10 +34,15 @@ test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## bench: tokenize, train and serve benchmarks (ratios against baselines measured in the same run) -> bench/RESULTS.md
+BENCH_TOKENIZE_ARGS ?= --copies 11 60
+BENCH_TRAIN_ARGS ?= --steps 30
+BENCH_SERVE_ARGS ?=
 bench: $(VENV)/.dev-installed
-	$(BIN)/python bench/tokenize.py
-	$(BIN)/python bench/train.py
-	$(BIN)/python bench/serve.py
+	$(BIN)/python -m bench.tokenize $(BENCH_TOKENIZE_ARGS)
+	$(BIN)/python -m bench.train $(BENCH_TRAIN_ARGS)
+	$(BIN)/python -m bench.serve $(BENCH_SERVE_ARGS)
+	$(BIN)/python -m bench.report > /dev/null
+	@echo "wrote bench/RESULTS.md"
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

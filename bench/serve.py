@@ -10,11 +10,11 @@ Compares, with the same weights (an untrained export of ``--preset``), prompts a
 * ``serve-1`` / ``serve-2``: the raygpt Serve application over HTTP with 1 or 2 Generator replicas (continuous
   batching), ``num_cpus_per_replica`` CPUs (= torch threads) each.
 
-The HF baselines use the same number of torch threads as one replica. Results are appended as the "Serve"
-section of bench/RESULTS.md (replacing an older Serve section, leaving other sections alone).
+The HF baselines use the same number of torch threads as one replica. Results go into bench/results/serve.json
+and bench/RESULTS.md (see bench/report.py).
 
-    .venv/bin/python bench/serve.py                      # full run
-    .venv/bin/python bench/serve.py --quick              # a smoke run with few requests
+    .venv/bin/python -m bench.serve                      # full run
+    .venv/bin/python -m bench.serve --quick              # a smoke run with few requests
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Running ``python bench/serve.py`` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module (torch imports it): drop that entry before importing anything else.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# ``python bench/serve.py`` puts bench/ first on sys.path, where bench/tokenize.py would shadow the standard
+# library's tokenize module (torch imports it): swap that entry for the repository root (for ``bench.report``).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -43,9 +41,7 @@ from typing import Any  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from bench.report import Headline, save_fragment  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.export import load_export, save_export  # noqa: E402
 from pipeline.hf import gpt_config_to_hf, to_hf_state_dict  # noqa: E402
@@ -53,7 +49,7 @@ from pipeline.model import GPT  # noqa: E402
 from pipeline.presets import PRESETS  # noqa: E402
 from pipeline.tokenizer import get_tokenizer  # noqa: E402
 
-SAMPLE = REPO / "data" / "sample" / "shakespeare"
+SAMPLE = _BENCH.parent / "data" / "sample" / "shakespeare"
 
 
 def make_prompts(count: int, min_tokens: int, max_tokens: int) -> list[list[int]]:
@@ -191,7 +187,7 @@ def main() -> int:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--skip", nargs="*", default=[], help="systems to skip (hf-sequential, serve-2, ...)")
     parser.add_argument("--quick", action="store_true", help="few requests, concurrency 1 and 8")
-    parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.requests = [1, 8], 8
@@ -231,7 +227,7 @@ def main() -> int:
 
     from pipeline.serve import APP_NAME, deploy
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     max_ongoing = max(levels)
     for replicas in (1, 2):
@@ -271,23 +267,12 @@ def write_results(
     threads: int,
     load: str,
 ) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     lines = [
-        "## Serve",
-        "",
-        f"`bench/serve.py` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs "
-        f"({cpu}), torch {torch.__version__}, CPU fp32. Model: untrained `{args.preset}` "
-        f"({cfg.n_layer} layers, d_model {cfg.d_model}, context {cfg.context_length}); prompts 8-32 tokens from the "
-        f"sample corpus; greedy, {args.max_tokens} new tokens per request; {threads} torch thread(s) per replica and "
-        "for the HF baselines. Latency is per request, client-side (queueing included); serve-* go through HTTP "
-        f"(proxy, ingress and client threads share the same CPUs). Machine {load}.",
+        f"CPU fp32. Model: untrained `{args.preset}` ({cfg.n_layer} layers, d_model {cfg.d_model}, context "
+        f"{cfg.context_length}); prompts 8-32 tokens from the sample corpus; greedy, {args.max_tokens} new tokens per "
+        f"request; {threads} torch thread(s) per replica and for the HF baselines. Latency is per request, "
+        "client-side (queueing included); serve-* go through HTTP (proxy, ingress and client threads share the same "
+        f"CPUs). Machine {load}.",
         "",
         "| system | concurrency | requests | output tok/s | p50 latency (s) | p99 latency (s) |",
         "|---|---|---|---|---|---|",
@@ -298,34 +283,28 @@ def write_results(
                 f"| {name} | {c} | {int(r['requests'])} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
                 f"{r['p99_s']:.2f} |"
             )
-    lines.append("")
-    ratios = []
+    headlines = []
+    targets = {("serve-1", "hf-sequential", 8): 1.5, ("serve-2", "serve-1", 32): 1.6}
     for c in levels:
-        one = results.get("serve-1", {}).get(c)
-        if one is None:
-            continue
-        for base in ("hf-sequential", "hf-static-batch"):
-            if c in results.get(base, {}):
-                ratios.append(
-                    f"serve-1 / {base} at c={c}: {one['tokens_per_s'] / results[base][c]['tokens_per_s']:.2f}x"
+        for name, base in (("serve-1", "hf-sequential"), ("serve-1", "hf-static-batch"), ("serve-2", "serve-1")):
+            measured, baseline = results.get(name, {}).get(c), results.get(base, {}).get(c)
+            if measured and baseline:
+                headlines.append(
+                    Headline(
+                        f"{name} vs {base}, concurrency {c}",
+                        f"{measured['tokens_per_s']:.0f} tok/s",
+                        f"{base} {baseline['tokens_per_s']:.0f} tok/s",
+                        measured["tokens_per_s"] / baseline["tokens_per_s"],
+                        targets.get((name, base, c)),
+                    )
                 )
-        if c in results.get("serve-2", {}):
-            ratios.append(
-                f"serve-2 / serve-1 at c={c}: {results['serve-2'][c]['tokens_per_s'] / one['tokens_per_s']:.2f}x"
-            )
-    if ratios:
-        lines += ["Throughput ratios: " + "; ".join(ratios) + ".", ""]
-    section = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    existing = out.read_text(encoding="utf-8") if out.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Serve\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        updated = pattern.sub(lambda _m: section + "\n", existing, count=1).rstrip("\n") + "\n"
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + section
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(updated, encoding="utf-8")
-    print(f"wrote the Serve section of {out}")
+    section = "\n".join(lines)
+    print(section)
+    for h in headlines:
+        print(f"{h.what}: {h.ratio:.2f}x")
+    if not args.no_write:
+        command = f"python -m bench.serve --preset {args.preset} --max-tokens {args.max_tokens}"
+        print(f"wrote {save_fragment('serve', command, section, headlines)}")
 
 
 if __name__ == "__main__":

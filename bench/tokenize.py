@@ -1,6 +1,6 @@
 """Benchmark of ``raygpt tokenize`` (not a test): end-to-end MB/s against single-thread tiktoken, and peak memory.
 
-    .venv/bin/python bench/tokenize.py [--copies 5 11] [--cpus 2] [--no-write]
+    .venv/bin/python -m bench.tokenize [--copies 5 11] [--cpus 2] [--no-write]
 
 For each size the sample corpus is replicated ``copies`` times into a temporary directory (11 copies = 55.6 MB)
 and tokenized end to end (read -> clean -> tokenize -> pack -> write parquet + manifest) in a fresh process with
@@ -8,7 +8,7 @@ its own local Ray of ``--cpus`` CPUs and a pool of that many tokenizer actors. R
 warm-up dataset first starts Ray Data's per-cluster system actors); the tokenizer actors' start-up is. The
 baseline is tiktoken's ``encode_ordinary_batch(texts, num_threads=1)`` on the same texts, already in memory
 (encoding only), in the same run. Peak memory is sampled every 50 ms: the driver's RSS, and the sum and the largest
-RSS of its Ray worker processes. The figures go into ``bench/RESULTS.md`` under "## Tokenize".
+RSS of its Ray worker processes. The figures go into bench/results/tokenize.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,25 +17,25 @@ import os
 import sys
 
 # This file is named like the standard library's `tokenize` module; running it puts bench/ first on sys.path, which
-# would shadow that module for everything imported below (and for Ray's workers). Drop it before any other import.
+# would shadow that module for everything imported below (and for Ray's workers). Swap it for the repository root
+# (for ``bench.report``) before any other import.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from bench.report import Headline, save_fragment  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "shakespeare"
-RESULTS = REPO / "bench" / "RESULTS.md"
 
 
 def replicate(target: Path, copies: int) -> int:
@@ -127,7 +127,7 @@ def run_pipeline(corpus: Path, run_dir: Path, cpus: int) -> dict[str, Any]:
     from pipeline.config import load_config
     from pipeline.data.build import tokenize_corpus
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     # Ray's start-up is not what is measured: a first small dataset brings up Ray Data's own system actors
     # (stats, autoscaling coordinator) once per cluster; then let the machine settle.
     warmup = load_config(None, [f"run.dir={run_dir}-warmup", f"data.inputs=[{SAMPLE / 'sonnets_gut.txt'}]"])
@@ -181,15 +181,6 @@ def baseline(corpus: Path) -> dict[str, Any]:
     return {"bytes": size, "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "mb_per_s": size / 1e6 / seconds}
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("\n## Tokenize")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + text[end:] if end >= 0 else text[:start]
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="benchmark raygpt tokenize")
     parser.add_argument("--copies", type=int, nargs="+", default=[5, 11, 22], help="sample-corpus copies per size")
@@ -234,19 +225,8 @@ def main() -> None:
                 flush=True,
             )
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     lines = [
-        "## Tokenize",
-        "",
-        f"`bench/tokenize.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores ({cpu}), "
-        f"local Ray with {args.cpus} CPUs and {args.cpus} tokenizer actors; corpus = the sample replicated; "
+        f"Local Ray with {args.cpus} CPUs and {args.cpus} tokenizer actors; corpus = the sample replicated; "
         "end to end (read, clean, tokenize, pack, write parquet + manifest; Ray start-up excluded, tokenizer actor "
         "start-up included) vs tiktoken `encode_ordinary_batch(num_threads=1)` on the same texts already in memory.",
         "",
@@ -274,7 +254,18 @@ def main() -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
-        write_results(section)
+        headlines = [
+            Headline(
+                f"end to end, {r['bytes'] / 1e6:.0f} MB",
+                f"{r['mb_per_s']:.2f} MB/s",
+                f"tiktoken 1 thread {r['baseline']['mb_per_s']:.2f} MB/s",
+                r["ratio"],
+                1.6,
+            )
+            for r in rows
+        ]
+        command = f"python -m bench.tokenize --copies {' '.join(map(str, args.copies))} --cpus {args.cpus}"
+        print(f"wrote {save_fragment('tokenize', command, section, headlines)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ All figures come from one run on one machine, so only ratios are compared:
 * tokens/s with 2 workers vs 1 worker (target >= 1.6x on 2 cores);
 * MFU against the fp32 matmul peak of one thread measured in the same run.
 
-Usage: ``python bench/train.py [--steps 40] [--preset tiny]``; results go into bench/RESULTS.md under "## Train".
+Usage: ``python -m bench.train [--steps 40] [--preset tiny]``; results: bench/results/train.json -> bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ import sys
 from pathlib import Path
 
 # ``python bench/train.py`` puts bench/ first on sys.path, where bench/tokenize.py would shadow the standard
-# library's tokenize module (torch imports it): drop that entry before importing anything else.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# library's tokenize module (torch imports it): swap that entry for the repository root (for ``bench.report``).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
+from bench.report import Headline, save_fragment  # noqa: E402
+
 WARMUP_STEPS = 5
 
 
@@ -92,15 +92,6 @@ def matmul_peak() -> float:
     return max(measure_peak_flops(torch.device("cpu")) for _ in range(3))
 
 
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("## Train")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + text[end + 1 :] if end >= 0 else text[:start]
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -115,7 +106,7 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.data.build import tokenize_corpus
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     root = Path(tempfile.mkdtemp(prefix="raygpt-bench-train-"))
     tokenize_corpus(load_config(overrides=[f"run.dir={root}", f"data.context_length={args.context}"]))
 
@@ -138,13 +129,9 @@ def main() -> None:
         ),
     ]
     section = [
-        "## Train",
-        "",
-        f"`python bench/train.py --steps {args.steps} --preset {args.preset}` on {platform.machine()} "
-        f"({torch.get_num_threads()} threads visible, {platform.processor() or 'cpu'}), "
-        f"{time.strftime('%Y-%m-%d')}; model `{args.preset}`, micro-batch {args.micro_batch} x {args.context} "
-        f"tokens per worker, fp32, median over steps {WARMUP_STEPS + 1}..{args.steps - 1}.",
-        f"fp32 matmul peak of one thread measured in the same run: {peak / 1e9:.1f} GFLOP/s.",
+        f"Model `{args.preset}`, micro-batch {args.micro_batch} x {args.context} tokens per worker, fp32, median "
+        f"over steps {WARMUP_STEPS + 1}..{args.steps - 1}; fp32 matmul peak of one thread measured in the same run: "
+        f"{peak / 1e9:.1f} GFLOP/s.",
         "",
         "| setup | tokens/s | MFU (vs measured fp32 peak per worker) | ratio |",
         "|---|---:|---:|---:|",
@@ -155,8 +142,33 @@ def main() -> None:
         section.append(f"| {name} | {tps:,.0f} | {mfu:.1%} | {ratio_text} |")
     text = "\n".join(section)
     print(text)
-    if not args.no_write:
-        write_section(text)
+    if args.no_write:
+        return
+    two_tps = two["tokens_per_s"]
+    headlines = [
+        Headline(
+            "ZeRO-3 step, 1 worker",
+            f"{one['tokens_per_s']:,.0f} tok/s",
+            f"plain PyTorch loop {plain:,.0f} tok/s",
+            one["tokens_per_s"] / plain,
+            0.85,
+        ),
+        Headline(
+            "2 workers vs 1",
+            f"{two_tps:,.0f} tok/s",
+            f"1 worker {one['tokens_per_s']:,.0f} tok/s",
+            two_tps / one["tokens_per_s"],
+            1.6,
+        ),
+        Headline(
+            "MFU, 1 worker",
+            f"{fpt * one['tokens_per_s'] / 1e9:.1f} GFLOP/s",
+            f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
+            fpt * one["tokens_per_s"] / peak,
+        ),
+    ]
+    command = f"python -m bench.train --steps {args.steps} --preset {args.preset}"
+    print(f"wrote {save_fragment('train', command, text, headlines)}")
 
 
 if __name__ == "__main__":
