@@ -180,6 +180,9 @@ class ServeSection(Section):
         0.01, ge=0, description="An idle replica waits this long after a request so that others share its prefill."
     )
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request time limit.")
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body accepted; larger ones are answered 413."
+    )
     api_key: SecretStr | None = Field(None, description="Require 'Authorization: Bearer <key>' (also RAYGPT_API_KEY).")
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
@@ -222,6 +225,7 @@ class PipelineConfig(Section):
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 
+_MASKED = "**********"
 _TYPE_WORDS = {
     "int_parsing": "an integer",
     "int_type": "an integer",
@@ -289,11 +293,26 @@ def _read_file(path: Path) -> tuple[dict[str, Any], str]:
     return document, ""
 
 
+def _secret_keys() -> set[str]:
+    """Dotted keys of secret settings (SecretStr), whose values never appear in messages."""
+    keys = set()
+    for name, field in PipelineConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys |= {f"{name}.{leaf}" for leaf, f in section.model_fields.items() if "SecretStr" in str(f.annotation)}
+    return keys
+
+
 def _explain(exc: ValidationError, origin: dict[str, str]) -> str:
     lines = []
+    secrets = _secret_keys()
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         kind = error["type"]
+        if key in secrets and "input" in error:  # a mistyped secret is still a secret: say what was wrong, not it
+            error = {**error, "input": _MASKED}
+            if origin.get(key, "").startswith("--set "):
+                origin = {**origin, key: f"--set {key}=..."}
         if kind == "extra_forbidden":
             parent_path, _, leaf = key.rpartition(".")
             known = _known_keys(parent_path)

@@ -27,10 +27,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 APP_NAME = "raygpt"
 API_KEY_ENV = "RAYGPT_API_KEY"
@@ -38,6 +40,7 @@ MAX_N = 16
 MAX_SEQUENCES = 64  # prompts x n per request
 MAX_STOP = 4
 CHAT_STOP = "\nUser:"
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -92,6 +95,35 @@ class ChatRequest(_SamplingFields):
     logprobs: bool = Field(False, description="Not supported (must be false).")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error a client can cause, in OpenAI's shape (documented in the OpenAPI spec, checked by fuzzing)."""
+
+    error: ErrorDetail
+
+
+def _documented(*statuses: int, stream: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route: its error statuses and, for generating routes, the SSE stream."""
+    responses: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in statuses}
+    if stream:
+        event = {"type": "string", "description": "A JSON chunk (or an error), then [DONE]."}
+        sse = {"schema": {"type": "object", "required": ["data"], "properties": {"data": event}}}  # each event
+        responses[200] = {
+            "description": "JSON, or server-sent events with stream",
+            "content": {"text/event-stream": sse},
+        }
+    return responses
+
+
+GENERATE_ERRORS = (400, 401, 404, 405, 413, 503, 504)
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -109,8 +141,18 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _error_response(exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+class JSONResponse(_JSONResponse):
+    """JSON with non-ASCII escaped. A client may send a lone surrogate (``"\\ud800"`` is valid JSON) that comes back
+    in a model id, an echoed prompt or an error message; Starlette's UTF-8 rendering raises on it (a 500), while
+    ``\\uXXXX`` escapes represent any Python string, exactly as the client sent it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if exc.status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
 
 
@@ -142,7 +184,53 @@ app = FastAPI(
     title="raygpt",
     description="OpenAI-compatible completions served by raygpt on Ray Serve.",
     version="0.1.0",
+    default_response_class=JSONResponse,
 )
+
+
+class RequestBodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 in OpenAI's shape before it is parsed.
+
+    A declared ``Content-Length`` over the limit is refused without reading the body; a chunked body is counted as
+    it arrives and refused once past the limit (FastAPI re-raises HTTP exceptions raised while it reads the body).
+    Without it, a 100 MB prompt was read, parsed and tokenized by the ingress (over a minute of its event loop).
+    ``max_bytes`` is set per process by ``Ingress.__init__`` (one ingress per replica process): Serve freezes the
+    FastAPI app, middleware included, when the deployment is defined, before any config is known.
+    """
+
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"The request body exceeds {self.max_bytes} bytes.")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+            exc = self._too_large() if declared.strip().isdigit() else StarletteHTTPException(400, "bad Content-Length")
+            await _error_response(_http_api_error(exc))(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+app.add_middleware(RequestBodyLimit)  # before @serve.ingress(app) below freezes the app
 
 
 @app.exception_handler(APIError)
@@ -162,10 +250,15 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return _error_response(APIError(400, message, param=param, code="invalid_value"))
 
 
+def _http_api_error(exc: StarletteHTTPException) -> APIError:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    code = "request_too_large" if exc.status_code == 413 else None
+    return APIError(exc.status_code, str(exc.detail), kind, code=code)
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+    return _error_response(_http_api_error(exc), exc.headers)  # e.g. Allow on a 405
 
 
 @app.exception_handler(Exception)
@@ -312,6 +405,11 @@ class Ingress:
         self.context_length: int = settings["context_length"]
         self.vocab_size: int = settings["vocab_size"]
         self.tokenizer = get_tokenizer(settings["tokenizer"], settings.get("tokenizer_file"))
+        # No token is longer than this many bytes (so characters): a longer prompt cannot fit the context, and is
+        # refused before tokenizing it (BPE on megabytes of one repeated character takes seconds of the event loop).
+        longest_token = max(len(b) for b in self.tokenizer.encoding.token_byte_values())
+        self.max_prompt_chars = longest_token * self.context_length
+        RequestBodyLimit.max_bytes = settings.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -328,6 +426,17 @@ class Ingress:
                 "authentication_error",
                 code="invalid_api_key",
             )
+
+    def _encode(self, text: str) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context_length} tokens, however your prompt has "
+                f"{len(text)} characters (over {self.context_length} tokens). Please reduce your prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return self.tokenizer.encode(text)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -442,12 +551,12 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------------ routes
 
-    @app.get("/health")
+    @app.get("/health", responses=_documented(405, 413))
     async def health(self) -> dict[str, str]:
         """Liveness of the HTTP layer (no authentication)."""
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_documented(401, 405, 413))
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
         return {
@@ -464,7 +573,7 @@ class Ingress:
             ],
         }
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_documented(*GENERATE_ERRORS, stream=True))
     async def completions(self, body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         self._auth(request)
         self._check_model(body.model)
@@ -510,7 +619,7 @@ class Ingress:
         events = self._events(stream, chunk, final if usage else None)
         return StreamingResponse(events, media_type="text/event-stream", headers=self._headers(meta))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_documented(*GENERATE_ERRORS, stream=True))
     async def chat_completions(self, body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
         self._auth(request)
         self._check_model(body.model)
@@ -520,7 +629,7 @@ class Ingress:
         params["stop"] = (*params["stop"], CHAT_STOP)[: MAX_STOP + 1]
         params.update(logprobs=None, echo=False)
         prompt = chat_template(body.messages)
-        ids = self.tokenizer.encode(prompt)
+        ids = self._encode(prompt)
         sequences = self._sequences([(ids, prompt)], params, body.n, body.seed)
         stream, meta = await self._start(sequences, body.stream)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -587,11 +696,11 @@ class Ingress:
     def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[list[int], str | None]]:
         """(token ids, prompt text or None for token prompts) per prompt."""
         if isinstance(prompt, str):
-            return [(self.tokenizer.encode(prompt), prompt)]
+            return [(self._encode(prompt), prompt)]
         if not prompt:
             raise APIError(400, "prompt must not be an empty list", param="prompt", code="invalid_value")
         if all(isinstance(p, str) for p in prompt):
-            return [(self.tokenizer.encode(p), p) for p in prompt]  # type: ignore[arg-type]
+            return [(self._encode(p), p) for p in prompt]  # type: ignore[arg-type]
         if all(isinstance(p, int) for p in prompt):
             return [(list(prompt), None)]  # type: ignore[arg-type]
         lists: list[tuple[list[int], str | None]] = []
@@ -647,6 +756,7 @@ def build_app(config: Any, export: str | None = None) -> Any:
         "model_name": s.model_name,
         "api_key": api_key or None,
         "request_timeout_s": s.request_timeout_s,
+        "max_request_bytes": s.max_request_bytes,
         "export": location,
         "context_length": info.model.context_length,
         "vocab_size": info.model.vocab_size,
@@ -673,6 +783,16 @@ def base_url(config: Any) -> str:
     return f"http://{host}:{config.serve.port}"
 
 
+def http_options(config: Any) -> dict[str, Any]:
+    """Serve's HTTP proxy settings: ``serve.host`` (127.0.0.1 unless configured: Ray Serve's own default would be
+    127.0.0.1 too, but it is never left implicit) and ``serve.port``."""
+    return {
+        "host": config.serve.host,
+        "port": config.serve.port,
+        "request_timeout_s": config.serve.request_timeout_s + 10,
+    }
+
+
 def deploy(config: Any, export: str | None = None, blocking: bool = False) -> str:
     """Start (or update in place: a rolling update) the ``raygpt`` Serve application; returns the base URL.
 
@@ -686,13 +806,7 @@ def deploy(config: Any, export: str | None = None, blocking: bool = False) -> st
     location = resolve_export(config, export)
     app = build_app(config, location)
     connect(config.run)
-    serve.start(
-        http_options={
-            "host": config.serve.host,
-            "port": config.serve.port,
-            "request_timeout_s": config.serve.request_timeout_s + 10,
-        }
-    )
+    serve.start(http_options=http_options(config))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(config)
     if blocking:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serve_helpers import exports, long_export, serve_port  # noqa: F401  (fixtures shared by the Serve tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
