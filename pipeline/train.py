@@ -239,7 +239,9 @@ def consolidate(checkpoint_dir: str, plan: TrainPlan, target: str, metadata: dic
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from pipeline.export import save_export
+        from pipeline.train_worker import weights_only_loads
 
+        weights_only_loads()
         local = storage.download_dir(checkpoint_dir)
         state = json.loads((local / "trainer_state.json").read_text())
         weights = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=state["tag"])

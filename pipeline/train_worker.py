@@ -141,6 +141,21 @@ def build_model(plan: TrainPlan, ds_config: dict[str, Any], rank: int) -> GPT:
     return model
 
 
+def weights_only_loads() -> None:
+    """Make every ``torch.load`` in this process weights-only, DeepSpeed's included.
+
+    DeepSpeed 0.19 reads its checkpoints (``engine.load_checkpoint``, ``zero_to_fp32``) with
+    ``torch.load(..., weights_only=False)``: a full unpickle, so whoever can write to the run dir could run code on
+    the workers. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that argument; a ZeRO checkpoint holds only tensors,
+    plain containers and two plain DeepSpeed classes, which are allowed here by name.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler])
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     import torch.distributed as dist
 
@@ -165,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
     torch.manual_seed(plan.seed)
 
+    weights_only_loads()
     deepspeed.init_distributed(dist_backend="nccl" if plan.use_gpu else "gloo")  # adopts Ray's process group
     ds_config = deepspeed_config(plan)
     model = build_model(plan, ds_config, rank)
