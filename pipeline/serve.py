@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse as _JSONResponse
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -505,7 +506,20 @@ class Ingress:
         except TimeoutError:
             stream.cancel()
             raise APIError(504, "Timed out waiting for a model replica.", "timeout", code="timeout") from None
+        except RayActorError as exc:
+            raise self._replica_failed(exc) from None
         return stream, meta
+
+    @staticmethod
+    def _replica_failed(exc: Exception) -> APIError:
+        """A replica that died (killed, OOM, node lost) fails only the requests it was running: a short 503 (Ray's
+        death report names pids, IPs and actor ids; that stays in the logs). Serve replaces the replica."""
+        return APIError(
+            503,
+            f"The model replica serving this request failed ({type(exc).__name__}); retry the request.",
+            "server_error",
+            code="replica_failed",
+        )
 
     def _headers(self, meta: dict[str, Any]) -> dict[str, str]:
         return {"x-raygpt-replica": str(meta["replica"]), "x-raygpt-export-sha256": str(meta["export_sha256"])}
@@ -523,6 +537,8 @@ class Ingress:
         except asyncio.CancelledError:  # the client went away: stop generating for it
             stream.cancel()
             raise
+        except RayActorError as exc:
+            raise self._replica_failed(exc) from None
         return choices
 
     async def _events(
@@ -543,8 +559,12 @@ class Ingress:
         except asyncio.CancelledError:  # the client went away
             stream.cancel()
             raise
-        except Exception as exc:
-            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+        except RayActorError as exc:
+            failed = self._replica_failed(exc)
+            yield f"data: {json.dumps(error_body(failed.message, failed.type, code=failed.code))}\n\n"
+        except Exception as exc:  # the message's first line only: no tracebacks or internals in the stream
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            yield f"data: {json.dumps(error_body(f'generation failed: {first_line}', 'server_error'))}\n\n"
         if final is not None:
             yield f"data: {json.dumps(final())}\n\n"
         yield "data: [DONE]\n\n"
@@ -732,6 +752,10 @@ def build_app(config: Any, export: str | None = None) -> Any:
         "graceful_shutdown_timeout_s": s.request_timeout_s + 5,
         "graceful_shutdown_wait_loop_s": 0.5,
         "max_constructor_retry_count": 3,
+        # A dead replica is noticed by its failed health check: every 2 s rather than Serve's 10 s, so a killed
+        # replica is replaced within seconds (tests/test_faults.py measures it).
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
     }
     if s.autoscaling is not None:
         options["autoscaling_config"] = {

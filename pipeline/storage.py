@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -77,11 +80,37 @@ def publish_dir(local_dir: Path, location: str | Path, last: str | None = None) 
 
 
 def staging_dir_for(location: str | Path) -> Path:
-    """An empty directory beside a local target (same filesystem, so the final rename is atomic)."""
+    """An empty directory beside a local target (same filesystem, so the final rename is atomic).
+
+    Its name records the process that owns it (``.<name>.tmp-<hex>-<pid>-<host>``): a build killed outright
+    (SIGKILL, the OOM killer) runs no cleanup, so the next build for the same target removes what such builds
+    left behind, and never the staging directory of a build still running (on this host or another one).
+    """
     if is_remote(location):
         return Path(tempfile.mkdtemp(prefix="raygpt-stage-"))
     target = local_path(location)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_abandoned(target)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}")
     staging.mkdir()
     return staging
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Staging directories of ``target`` whose process (on this host) is gone, and trash a publish left."""
+    prefix = f".{target.name}."
+    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+        kind, _, rest = path.name.removeprefix(prefix).partition("-")
+        if kind == "old":  # publish_dir's renamed previous version: never read again
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        _hex, _, owner = rest.partition("-")
+        pid, _, host = owner.partition("-")
+        if kind != "tmp" or not pid.isdigit() or host != socket.gethostname():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
