@@ -103,7 +103,7 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps of pretraining.")
+    max_steps: int = Field(280, ge=1, description="Optimizer steps of pretraining.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 on GPU, fp32 on CPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")

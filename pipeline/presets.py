@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
             "tiny",
             GPTConfig(vocab_size=50257, context_length=128, n_layer=4, n_head=4, d_model=128),
             batch_tokens=2048,  # 16 sequences of 128: 2 workers x micro-batch 8
-            learning_rate=2e-3,  # measured: 300 steps reach a val CE > 1 nat under the unigram CE of the sample
+            learning_rate=2e-3,  # measured on the sample: 2e-3..6e-3, 1024- or 2048-token batches learn alike per token
             description="tiny CPU model: the default, pretrains on 2 CPU workers in minutes",
         ),
         _gpt3("gpt3-small", 12, 768, 12, 524288, 6.0e-4, "Small (125M)"),
