@@ -144,6 +144,13 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         while _get(f"http://127.0.0.1:{serve_port}/health") == 200 and time.monotonic() < deadline:
             time.sleep(1)
         assert _get(f"http://127.0.0.1:{serve_port}/health") != 200
+
+        # The token authenticates every call above, yet no log holds it: not the jobs' logs, nor any file the
+        # head's processes wrote (session logs, job logs, runtime envs), only the token file itself.
+        assert head.token not in logs
+        token = head.token.encode()
+        leaked = [p for p in head.root.rglob("*") if p.is_file() and p != head.token_path and token in p.read_bytes()]
+        assert leaked == [], f"the Ray auth token was written to {leaked}"
     finally:
         head.stop()
     assert tagged_pids(head.tag) == []
