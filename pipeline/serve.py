@@ -35,13 +35,14 @@ from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.config import ServeSection
+
 APP_NAME = "raygpt"
 API_KEY_ENV = "RAYGPT_API_KEY"
 MAX_N = 16
 MAX_SEQUENCES = 64  # prompts x n per request
 MAX_STOP = 4
 CHAT_STOP = "\nUser:"
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -199,7 +200,7 @@ class RequestBodyLimit:
     FastAPI app, middleware included, when the deployment is defined, before any config is known.
     """
 
-    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_bytes: int = ServeSection.model_fields["max_request_bytes"].default  # until Ingress.__init__ sets it
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -410,7 +411,7 @@ class Ingress:
         # refused before tokenizing it (BPE on megabytes of one repeated character takes seconds of the event loop).
         longest_token = max(len(b) for b in self.tokenizer.encoding.token_byte_values())
         self.max_prompt_chars = longest_token * self.context_length
-        RequestBodyLimit.max_bytes = settings.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+        RequestBodyLimit.max_bytes = settings["max_request_bytes"]
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------------------ helpers
