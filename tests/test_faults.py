@@ -1,9 +1,9 @@
 """Fault injection against the real stages: a process is SIGKILLed mid-run (by pid, from the test) and the stage
 must recover or leave nothing that looks complete.
 
-* Train: one Ray Train worker of a 2-rank DeepSpeed ZeRO-3 run is killed after its first checkpoint; Ray Train
-  restarts the worker group from the checkpoint and the run finishes with every step logged once, and the steps
-  it ran twice give the same losses (same weights, same data position).
+* Train: one Ray Train worker of a 2-rank DeepSpeed ZeRO-3 run is killed once Ray Train has registered a
+  checkpoint and a later step ran; Ray Train restarts the worker group from that checkpoint and the run finishes
+  with every step logged once, and the steps it ran twice give the same losses (same weights, same data position).
 * Serve: one of two Generator replicas is killed under steady load; only requests in flight may fail (with an
   OpenAI-shaped 503 ``replica_failed``), Serve starts a replacement and every request succeeds again.
 * Tokenize: ``raygpt tokenize`` (a driver joined to the session's Ray) is killed mid-way; no manifest appears, its
@@ -158,7 +158,21 @@ def test_killed_tokenize_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_
 
 # ---------------------------------------------------------------------------------------------- train
 
-TRAIN_STEPS, CHECKPOINT_EVERY = 4, 2
+TRAIN_STEPS, CHECKPOINT_EVERY = 6, 2
+
+
+def _registered_checkpoint_step(experiment: Path) -> int:
+    """The step of the latest checkpoint Ray Train's controller has registered (0 before the first).
+
+    A worker's ``ray.train.report`` only queues its checkpoint; the controller registers it at its next poll of the
+    worker group (every 2 s), and only a registered checkpoint is what a restarted group resumes from. The controller
+    records what it registered in its checkpoint-manager snapshot, which is what this reads."""
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, json.JSONDecodeError):  # not written yet, or being rewritten
+        return 0
+    return int(latest["metrics"]["step"]) if latest else 0
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
@@ -177,7 +191,7 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
 ) -> None:
     from pipeline.config import load_config
     from pipeline.data.build import tokenize_corpus
-    from pipeline.train import pretrain
+    from pipeline.train import experiment_name, pretrain
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -219,16 +233,21 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
         "2 training workers",
     )
     live = run / "pretrain" / "metrics.jsonl"  # rank 0 appends a row per step
-    seen = _wait(
-        lambda: (rows := _metrics(live)) and rows[-1]["step"] > CHECKPOINT_EVERY and rows or not thread.is_alive(),
-        180,
-        f"a step past the checkpoint of step {CHECKPOINT_EVERY}",
-        poll=0.02,
-    )
+    experiment = run.resolve() / experiment_name(config, "pretrain")  # Ray Train's storage_path is the run dir
+
+    def registered_and_past() -> list[dict[str, Any]] | bool:
+        registered = _registered_checkpoint_step(experiment)
+        rows = _metrics(live)
+        ready = 0 < registered < TRAIN_STEPS and rows and rows[-1]["step"] > registered
+        return rows if ready else not thread.is_alive()
+
+    seen = _wait(registered_and_past, 180, "a registered checkpoint and a step past it", poll=0.02)
     assert thread.is_alive() and isinstance(seen, list), f"the run ended before the kill: {outcome}"
     victim = workers[-1]
+    registered = _registered_checkpoint_step(experiment)
     killed_at = time.time()
     os.kill(int(victim["Pid"]), signal.SIGKILL)
+    registered_after_kill = _registered_checkpoint_step(experiment)
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not finish after a worker was killed"
     assert "error" not in outcome, f"the run did not recover: {outcome.get('error')!r}"
@@ -252,11 +271,16 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
             first = before_kill[row["step"]]
             assert row["tokens"] == first["tokens"], row["step"]
             assert abs(row["loss"] - first["loss"]) <= 1e-6, (row["step"], row["loss"], first["loss"])
-    assert all(r["time"] < killed_at for r in rows if r["step"] <= CHECKPOINT_EVERY)  # restored, not rerun
+    # the restarted group resumed from the checkpoint registered at the kill: the steps up to it were restored, not
+    # rerun (a checkpoint the controller registered in the instant between the two reads would do as well)
+    resumed_from = min(r["step"] for r in rows if r["time"] > killed_at) - 1
+    assert registered <= resumed_from <= registered_after_kill, (registered, resumed_from, registered_after_kill)
+    assert resumed_from % CHECKPOINT_EVERY == 0
+    assert all(r["time"] < killed_at for r in rows if r["step"] <= resumed_from)
     print(
         f"\ntrain: killed worker pid {victim['Pid']} after step {seen[-1]['step']}; restarted from step "
-        f"{min(r['step'] for r in rows if r['time'] > killed_at) - 1}; steps rerun with equal losses "
-        f"{[r['step'] for r in redone]}; step times {[round(r['step_time_s'], 2) for r in rows]}"
+        f"{resumed_from}; steps rerun with equal losses {[r['step'] for r in redone]}; "
+        f"step times {[round(r['step_time_s'], 2) for r in rows]}"
     )
 
 
