@@ -51,7 +51,9 @@ class DataSection(Section):
     tokenizer_file: str | None = Field(None, description="Path of the .tiktoken file for encodings not shipped.")
     text_field: str = Field("text", description="JSONL field / parquet column holding the document text.")
     txt_document: Literal["file", "paragraph", "line"] = Field(
-        "file", description="What one document is in a .txt input: the whole file, a blank-line block or a line."
+        "paragraph",
+        description="What one document is in a .txt input: the whole file, a blank-line block or a line. The split "
+        "goes by document: blocks (a speech of the sample plays) hold out text from every file.",
     )
     bad_utf8: Literal["replace", "fail"] = Field(
         "replace", description="Invalid UTF-8 bytes: replace them (and count) or fail naming the file."
@@ -103,7 +105,7 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int = Field(280, ge=1, description="Optimizer steps of pretraining.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 on GPU, fp32 on CPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")

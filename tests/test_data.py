@@ -354,8 +354,9 @@ def test_sample_corpus_with_defaults(ray_session: None, tmp_path: Path, monkeypa
     monkeypatch.chdir(REPO)
     result = tokenize_corpus(load_config(None, [f"run.dir={tmp_path}"]), log=lambda _: None)
     manifest = result.manifest
-    assert manifest["totals"]["files"] == 42 and manifest["totals"]["documents"] == 42
-    assert manifest["splits"]["val"]["documents"] > 0 and manifest["splits"]["val"]["sequences"] > 100
+    # a document is a blank-line block (a speech), so the 5% held out for validation come from every play
+    assert manifest["totals"]["files"] == 42 and manifest["totals"]["documents"] > 30_000
+    assert manifest["splits"]["val"]["documents"] > 1000 and manifest["splits"]["val"]["sequences"] > 400
     assert manifest["splits"]["train"]["sequences"] > 10_000 and manifest["dtype"] == "uint16"
     assert 1_400_000 < manifest["totals"]["tokens"] < 1_800_000
     assert "tokens" in result.summary()
