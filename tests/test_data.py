@@ -22,6 +22,7 @@ from pipeline.data.build import tokenize_corpus
 from pipeline.data.clean import normalize
 from pipeline.data.documents import is_validation
 from pipeline.data.reader import SequenceStore, load_manifest, ordered_execution_options, ray_dataset
+from pipeline.data.tokenize import encode_documents
 from pipeline.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +193,22 @@ def test_no_token_lost_or_duplicated(ray_session: None, tmp_path: Path, tail: st
     else:
         assert train["dropped_tokens"] == 0 and 0 < train["wrapped_tokens"] < 9
         assert np.array_equal(packed, np.concatenate([expected, expected[: train["wrapped_tokens"]]]))
+
+
+def test_documents_encoded_in_one_call_equal_each_encoded_alone() -> None:
+    """encode_documents joins a batch's documents with <|endoftext|> into one encoder call; the ids must be those
+    of each document encoded alone plus the id, also where a merge across the join could happen, and a document
+    holding the special token's text must still get it as ordinary text."""
+    tokenizer = get_tokenizer()
+    rng = np.random.default_rng(7)
+    pieces = ["Hello", " world", "  ", "\n\n", "'s", "'", "é", "😀", "123", "!", " ", "\t", "ab"]
+    texts = ["".join(rng.choice(pieces, size=rng.integers(1, 12))) for _ in range(400)]
+    texts += ["end with spaces   ", "   start with spaces", "x", "'ll", "\u200d"]
+    for batch in (texts, [*texts[:50], f"a literal {EOT} stays text", *texts[50:]]):
+        flat, lengths = encode_documents(tokenizer, batch)
+        want = np.concatenate([tokenizer.encode(t) + [tokenizer.eot_id] for t in batch])
+        assert flat.dtype == np.uint16 and np.array_equal(flat, want)
+        assert lengths.tolist() == [len(tokenizer.encode(t)) + 1 for t in batch]
 
 
 def test_two_runs_are_identical_whatever_the_number_of_actors(

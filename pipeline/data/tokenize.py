@@ -25,13 +25,13 @@ def token_dtype(n_vocab: int) -> np.dtype:
 def encode_documents(tokenizer: Tokenizer, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Flat ids of all documents (each followed by <|endoftext|>) and the per-document lengths."""
     dtype = token_dtype(tokenizer.n_vocab)
+    joined = _encode_joined(tokenizer, texts) if num_threads == 1 else None
+    if joined is not None:
+        return joined.astype(dtype, copy=False), np.diff(np.flatnonzero(joined == tokenizer.eot_id), prepend=-1)
     encoding = tokenizer.encoding
     encoded: list[Any]
     if num_threads > 1:
         encoded = encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-    elif hasattr(encoding, "encode_to_numpy"):
-        # ids straight into a numpy buffer, no Python ints: what encode_ordinary gives, ~15% cheaper
-        encoded = [encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()) for text in texts]
     else:
         encoded = [encoding.encode_ordinary(text) for text in texts]
     eot = tokenizer.eot_id
@@ -43,6 +43,22 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], num_threads: int = 
         flat[position + length - 1] = eot
         position += length
     return flat, lengths
+
+
+def _encode_joined(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray | None:
+    """All documents in one encoder call: ``doc<|endoftext|>doc<|endoftext|>...`` with the special token allowed.
+
+    tiktoken encodes the text between special tokens piece by piece, so this equals encoding each document alone
+    and appending the id, without a call per document. That matters: each call releases the GIL, and with another
+    thread in the process (a Ray Data actor has some) every reacquisition can wait a switch interval, which made
+    a corpus of speeches tokenize at half the speed of the same text as whole files. Not possible (None) when a
+    document contains the special token's text, which must stay ordinary text, or the encoding lacks the call.
+    """
+    encoding = tokenizer.encoding
+    special = encoding.decode([tokenizer.eot_id])
+    if not texts or not hasattr(encoding, "encode_to_numpy") or any(special in text for text in texts):
+        return None
+    return encoding.encode_to_numpy(special.join(texts) + special, allowed_special={special}, disallowed_special=())
 
 
 class TokenizeDocuments:
