@@ -1,0 +1,418 @@
+"""Batched text generation with the model's key/value cache and token-level continuous batching.
+
+``Engine`` keeps one running batch: every ``step()`` first decodes one token for each running sequence, then
+prefills the sequences waiting to join (up to ``max_batch_size``) and merges their caches into the batch.
+Sequences of different lengths share the batch through left padding: each row's real tokens sit at the right
+end of the cache, ``attention_mask`` hides the padding and the model derives each row's positions from it.
+Finished sequences leave the batch at once, and leading all-padding columns are trimmed, so the batch's width
+is always the longest live sequence (which never exceeds the context length).
+
+Sampling is per sequence (:mod:`pipeline.inference.sampling`). Stop strings are matched on the decoded text; the
+returned text ends before the stop string, and streamed text is held back while it could still be the start of one.
+``<|endoftext|>`` ends a sequence (finish_reason ``stop``) and is not part of its text.
+
+``raygpt generate``, fine-tune scoring and the Serve replicas (:mod:`pipeline.serve.replica`) all run this engine;
+it knows nothing about HTTP or Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.inference.outputs import Completion, Delta, FinishReason, Logprobs
+from pipeline.inference.sampling import SamplingParams, check_context_length, sample_token
+from pipeline.model.gpt import GPT, KVCache
+from pipeline.model.tokenizer import Tokenizer
+
+
+@dataclass
+class _Entry:  # one token's logprob record
+    token: str
+    logprob: float | None
+    top: dict[str, float] | None
+
+
+class _Sequence:
+    """Per-sequence state: tokens, decoded text, what has been released to the caller."""
+
+    def __init__(
+        self, seq_id: int, prompt_ids: list[int], params: SamplingParams, budget: int, prompt_text: str | None
+    ) -> None:
+        self.id = seq_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.budget = budget  # tokens it may generate
+        self.prompt_text = prompt_text
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed % 2**64)  # any integer is a valid seed
+        self.next_token = -1  # sampled, not yet in the cache
+        self.ids: list[int] = []  # generated ids that count as text (no <|endoftext|>)
+        self.generated = 0
+        self.ends: list[int] = []  # decoded length after each id
+        self.entries: list[_Entry] = []
+        self.raw = b""  # UTF-8 bytes of ``ids``
+        self.text = ""
+        self.released_chars = 0
+        self.released_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.cut = False  # the text was cut at a stop string
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.offset_base = 0  # len(prompt text) when echoing
+
+
+class Engine:
+    """Continuous-batching generator over one model. ``add`` and ``abort`` may be called from any thread while
+    another thread runs ``step``."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch_size: int = 8,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.context_length = model.config.context_length
+        self.eot_id = tokenizer.eot_id
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._waiting: deque[_Sequence] = deque()
+        self._aborted: set[int] = set()
+        self._running: list[_Sequence] = []
+        self._cache: KVCache | None = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
+
+    @classmethod
+    def from_export(
+        cls,
+        location: str | Path,
+        max_batch_size: int = 8,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        tokenizer_file: str | None = None,
+    ) -> tuple[Engine, Any]:
+        """An engine over a loaded export; returns ``(engine, ExportInfo)``."""
+        from pipeline.export.format import ExportError, load_export
+        from pipeline.model.tokenizer import get_tokenizer
+
+        model, info = load_export(location, device=device, dtype=dtype)
+        tokenizer = get_tokenizer(info.tokenizer.get("name", "r50k_base"), tokenizer_file)
+        if info.tokenizer.get("sha256") not in (None, tokenizer.sha256):
+            raise ExportError(f"export {str(location)!r} was made with another {tokenizer.name} file (sha256 differs)")
+        return cls(model, tokenizer, max_batch_size=max_batch_size, device=device), info
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ``ContextLengthError`` / ``ValueError`` when the request cannot run."""
+        check_context_length(len(prompt_ids), params.max_tokens, self.context_length)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt_ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams, prompt_text: str | None = None) -> int:
+        """Queue a sequence; returns its id. An empty prompt starts from <|endoftext|> (as GPT-2/3 do)."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            ids, prompt_text = [self.eot_id], ""
+        self.check(ids, params)
+        seq = _Sequence(next(self._ids), ids, params, params.max_tokens, prompt_text)
+        with self._lock:
+            self._waiting.append(seq)
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        """Drop a sequence (waiting or running) at the next step; nothing more is reported for it."""
+        with self._lock:
+            self._aborted.add(seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def reset(self) -> list[int]:
+        """Forget every sequence (after an error); returns the ids that were waiting or running."""
+        with self._lock:
+            ids = [s.id for s in self._waiting] + [s.id for s in self._running]
+            self._waiting.clear()
+            self._aborted.clear()
+        self._running, self._cache, self._mask = [], None, None
+        return ids
+
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        """Decode one token for every running sequence, then admit waiting ones (their first token)."""
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self._waiting = deque(s for s in self._waiting if s.id not in aborted)
+            free = self.max_batch_size - sum(1 for s in self._running if s.id not in aborted)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if aborted:
+            self._keep([row for row, s in enumerate(self._running) if s.id not in aborted])
+        deltas: list[Delta] = []
+        if self._running:
+            deltas += self._decode()
+        if admitted:
+            deltas += self._prefill(admitted)
+        return deltas
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        on_delta: Callable[[int, Delta], None] | None = None,
+    ) -> list[Completion]:
+        """Run prompts to completion (offline use); ``on_delta(prompt_index, delta)`` sees the stream."""
+        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompts):
+            raise ValueError("give one SamplingParams or one per prompt")
+        index: dict[int, int] = {}
+        for prompt, p in zip(prompts, per, strict=True):
+            self.check(prompt or [self.eot_id], p)
+        for i, (prompt, p) in enumerate(zip(prompts, per, strict=True)):
+            index[self.add(prompt, p)] = i
+        results: dict[int, Delta] = {}
+        while len(results) < len(prompts) or any(d.finish_reason is None for d in results.values()):
+            for delta in self.step():
+                i = index[delta.seq_id]
+                if on_delta is not None:
+                    on_delta(i, delta)
+                results.setdefault(i, Delta(delta.seq_id)).merge(delta)
+        out = []
+        for i, prompt in enumerate(prompts):
+            d = results[i]
+            assert d.finish_reason is not None
+            out.append(
+                Completion(
+                    text=d.text,
+                    token_ids=d.token_ids,
+                    finish_reason=d.finish_reason,
+                    prompt_tokens=max(1, len(prompt)),
+                    completion_tokens=d.completion_tokens,
+                    logprobs=d.logprobs,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these rows of the running batch, then trim leading all-padding columns."""
+        if len(rows) == len(self._running):
+            return
+        self._running = [self._running[r] for r in rows]
+        if not rows:
+            self._cache, self._mask = None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        index = torch.tensor(rows, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(0).long().argmax())  # first column some row still uses
+        self._mask = mask[:, start:]
+        self._cache = tuple(
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache
+        )
+
+    def _decode(self) -> list[Delta]:
+        assert self._cache is not None and self._mask is not None
+        ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        out = self.model(ids, past_key_values=self._cache, use_cache=True, attention_mask=mask)
+        self._cache, self._mask = out.past_key_values, mask
+        logits = out.logits[:, -1].float().cpu()  # sampling and logprobs run on the CPU (per-sequence RNGs)
+        deltas = [self._advance(seq, logits[row]) for row, seq in enumerate(self._running)]
+        self._keep([row for row, s in enumerate(self._running) if s.finish_reason is None])
+        return deltas
+
+    def _prefill(self, seqs: list[_Sequence]) -> list[Delta]:
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, device=self.device)
+            mask[row, width - len(s.prompt_ids) :] = 1
+        full = any(s.params.echo and s.params.logprobs is not None for s in seqs)
+        with contextlib.nullcontext() if full else _last_position_logits(self.model):
+            out = self.model(ids, use_cache=True, attention_mask=mask)
+        deltas = []
+        for row, s in enumerate(seqs):
+            prompt_logits = out.logits[row, width - len(s.prompt_ids) :] if s.params.echo else None
+            delta = None if prompt_logits is None else self._echo(s, prompt_logits.float().cpu())
+            if s.budget == 0:
+                s.finish_reason = "length"
+                first = Delta(s.id, finish_reason="length")
+            else:
+                first = self._advance(s, out.logits[row, -1].float().cpu())
+            if delta is None:
+                delta = first
+            else:
+                delta.merge(first)
+            deltas.append(delta)
+        keep = [row for row, s in enumerate(seqs) if s.finish_reason is None]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            assert out.past_key_values is not None
+            self._merge(
+                tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values),
+                mask.index_select(0, index),
+            )
+            self._running += [seqs[row] for row in keep]
+        return deltas
+
+    def _merge(self, cache: KVCache, mask: torch.Tensor) -> None:
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+            return
+        width = max(self._mask.size(1), mask.size(1))
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = width - t.size(-dim_from_end)
+            if missing == 0:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
+            return F.pad(t, spec)
+
+        self._cache = tuple(
+            (torch.cat([pad(k0, 2), pad(k1, 2)]), torch.cat([pad(v0, 2), pad(v1, 2)]))
+            for (k0, v0), (k1, v1) in zip(self._cache, cache, strict=True)
+        )
+        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
+
+    def _token_str(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _entry(self, logits: torch.Tensor, token: int, n_top: int) -> _Entry:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        values, indices = torch.topk(logp, n_top)
+        top = {self._token_str(int(i)): float(v) for v, i in zip(values, indices, strict=True)}
+        return _Entry(self._token_str(token), float(logp[token]), top)
+
+    def _echo(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
+        """The prompt as the first output (``logits``: the prompt rows of the prefill)."""
+        text = seq.prompt_text if seq.prompt_text is not None else self.tokenizer.decode(seq.prompt_ids)
+        seq.offset_base = len(text)
+        delta = Delta(seq.id, text=text, token_ids=list(seq.prompt_ids) if seq.prompt_text != "" else [])
+        if seq.params.logprobs is not None:
+            lp = Logprobs()
+            if seq.prompt_text != "":
+                offset = 0
+                for j, token in enumerate(seq.prompt_ids):
+                    lp.tokens.append(self._token_str(token))
+                    lp.text_offset.append(offset)
+                    offset = len(self.tokenizer.decode(seq.prompt_ids[: j + 1]))
+                    if j == 0:
+                        lp.token_logprobs.append(None)
+                        lp.top_logprobs.append(None)
+                    else:
+                        entry = self._entry(logits[j - 1], token, seq.params.logprobs)
+                        lp.token_logprobs.append(entry.logprob)
+                        lp.top_logprobs.append(entry.top)
+            delta.logprobs = lp
+        return delta
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
+        """Sample the next token of ``seq`` from ``logits`` (V,), update its text, return what to release."""
+        p = seq.params
+        token = sample_token(logits, p, seq.generator)
+        seq.generated += 1
+        seq.next_token = token
+        if token == self.eot_id and p.stop_at_eot:
+            seq.finish_reason = "stop"
+        else:
+            seq.ids.append(token)
+            if p.logprobs is not None:
+                seq.entries.append(self._entry(logits, token, p.logprobs))
+            seq.raw += self.tokenizer.decode_bytes([token])
+            full = seq.raw.decode("utf-8", errors="replace")
+            seq.ends.append(max(len(full), seq.ends[-1] if seq.ends else 0))
+            # a stop string new in this step ends after the text that was already searched
+            start = max(0, len(seq.text) - seq.max_stop - 4)
+            cut = min((i for i in (full.find(s, start) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                full = full[:cut]
+                seq.finish_reason = "stop"
+            seq.text = full
+            seq.cut = cut >= 0
+        if seq.finish_reason is None and seq.generated >= seq.budget:
+            seq.finish_reason = "length"
+        return self._release(seq)
+
+    def _release(self, seq: _Sequence) -> Delta:
+        text = seq.text
+        if seq.finish_reason is None:
+            releasable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character may still change
+            if seq.max_stop > 1:
+                releasable = min(releasable, len(text) - (seq.max_stop - 1))
+            releasable = max(releasable, seq.released_chars)
+            n_tokens = seq.released_tokens
+            while n_tokens < len(seq.ids) and seq.ends[n_tokens] <= releasable:
+                n_tokens += 1
+        else:
+            releasable = len(text)
+            n_tokens = len(seq.ids)
+            if seq.cut:  # only the tokens that contributed to the text before the stop string
+                n_tokens = seq.released_tokens
+                while n_tokens < len(seq.ids) and _start(seq, n_tokens) < len(text):
+                    n_tokens += 1
+        delta = Delta(
+            seq.id,
+            text=text[seq.released_chars : releasable],
+            token_ids=seq.ids[seq.released_tokens : n_tokens],
+            finish_reason=seq.finish_reason,
+            completion_tokens=seq.generated,
+        )
+        if seq.params.logprobs is not None:
+            lp = Logprobs()
+            for i in range(seq.released_tokens, n_tokens):
+                entry = seq.entries[i]
+                lp.tokens.append(entry.token)
+                lp.token_logprobs.append(entry.logprob)
+                lp.top_logprobs.append(entry.top)
+                lp.text_offset.append(seq.offset_base + _start(seq, i))
+            delta.logprobs = lp
+        seq.released_chars, seq.released_tokens = releasable, n_tokens
+        return delta
+
+
+@contextlib.contextmanager
+def _last_position_logits(model: GPT) -> Iterator[None]:
+    """Within the block, the LM head only sees the last position: a prefill needs the next-token logits of each
+    row (rows are left padded, so the last column is every row's last token), not ``(B, T, vocab)`` of them."""
+    handle = model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _start(seq: _Sequence, i: int) -> int:
+    return seq.ends[i - 1] if i > 0 else 0

@@ -1,0 +1,90 @@
+"""The HTTP layer: the FastAPI app (routes and middleware, built per ingress replica by :func:`create_app`) and the
+``Ingress`` deployment that hosts it.
+
+Routes only parse HTTP and return JSON or a stream; what they do is :class:`~pipeline.serve.serving.OpenAIServing`.
+Every error is OpenAI-shaped (:mod:`pipeline.serve.errors`). The app is built when a replica starts, from that
+replica's settings, so nothing about one deployment lives in module state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from ray import serve
+
+from pipeline.serve import errors
+from pipeline.serve.errors import GENERATE_ERRORS, JSONResponse, documented
+from pipeline.serve.protocol import (
+    ChatCompletionResponse,
+    ChatRequest,
+    CompletionRequest,
+    CompletionResponse,
+    Health,
+    ModelList,
+)
+from pipeline.serve.serving import OpenAIServing, ServingSettings
+
+
+def _respond(result: Any, headers: dict[str, str]) -> JSONResponse | StreamingResponse:
+    if hasattr(result, "model_dump"):
+        return JSONResponse(result.model_dump(), headers=headers)
+    return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+
+
+def create_app(serving: OpenAIServing) -> FastAPI:
+    """The OpenAI-compatible API over ``serving``: /health, /v1/models, /v1/completions, /v1/chat/completions."""
+    app = FastAPI(
+        title="raygpt",
+        description="OpenAI-compatible completions served by raygpt on Ray Serve.",
+        version="0.1.0",
+        default_response_class=JSONResponse,
+    )
+    errors.install(app, serving.settings.max_request_bytes)
+
+    def authenticate(request: Request) -> None:
+        serving.authenticate(request.headers.get("authorization", ""))
+
+    @app.get("/health", response_model=Health, responses=documented(405, 413))
+    async def health() -> dict[str, str]:
+        """Liveness of the HTTP layer (no authentication)."""
+        return Health().model_dump()
+
+    @app.get("/v1/models", response_model=ModelList, responses=documented(401, 405, 413))
+    async def models(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return serving.models().model_dump()
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses=documented(*GENERATE_ERRORS, stream=True, model=CompletionResponse),
+    )
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        authenticate(request)
+        return _respond(*await serving.completions(body))
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses=documented(*GENERATE_ERRORS, stream=True, model=ChatCompletionResponse),
+    )
+    async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+        authenticate(request)
+        return _respond(*await serving.chat_completions(body))
+
+    return app
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """OpenAI HTTP API in front of the Generator replicas. ``settings`` were read from the export's config.json on
+    the driver: the ingress never touches the export, so it starts fast and may run on any node."""
+
+    def __init__(self, generator: Any, settings: ServingSettings) -> None:
+        self.serving = OpenAIServing(generator, settings)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.serving)

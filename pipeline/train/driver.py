@@ -1,0 +1,198 @@
+"""The Train stage on the driver: plan, skip when up to date, run Ray Train's TorchTrainer, consolidate, summarize.
+
+``raygpt pretrain`` and ``raygpt finetune`` call :func:`pretrain` and :func:`finetune`. Everything a user can get
+wrong (no dataset, a dataset that does not fit the model, checkpoints of another model) is caught before any
+worker starts (:func:`pipeline.train.plan.make_plan`, :func:`pipeline.train.checkpoint.check_resumable`). Starting
+the same run again resumes from its latest checkpoint; a finished run is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import PipelineConfig
+from pipeline.layout import EXPORT_CONFIG, RunLayout, Stage
+from pipeline.train import checkpoint
+from pipeline.train.consolidate import consolidate
+from pipeline.train.plan import TrainError, TrainPlan, load_dataset_manifest, make_plan
+
+__all__ = ["TrainError", "finetune", "pretrain", "run_trainer"]
+
+
+def run_trainer(config: PipelineConfig, plan: TrainPlan) -> Any:
+    """Run (or resume) the Ray Train job for ``plan``; returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.raycluster import connect
+    from pipeline.train.worker import train_loop_per_worker
+
+    layout = RunLayout.of(config)
+    connect(config.run)
+    resources = {"CPU": config.train.cpus_per_worker}
+    if plan.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan.to_json(), "stop_after_steps": config.train.stop_after_steps},
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=layout.experiment_name(plan.stage),
+            storage_path=layout.storage_path,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.num_to_keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the root cause without a wall of traceback
+        raise TrainError(f"{plan.stage} failed: {_root_cause(exc)}") from exc
+    if getattr(result, "error", None):
+        raise TrainError(f"{plan.stage} failed: {_root_cause(result.error)}")
+    if result.checkpoint is None:
+        raise TrainError(f"{plan.stage} finished without a checkpoint")
+    return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else exc.__class__.__name__
+
+
+def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan, dict[str, Any] | None, Any]:
+    """Plan, skip when up to date, else run; returns (plan, cached summary or None, Ray result or None)."""
+    plan = make_plan(config, stage)
+    layout = RunLayout.of(config)
+    state = checkpoint.read_stage_state(layout, stage)
+    target = layout.stage_export(stage)
+    up_to_date = (
+        not fresh
+        and state is not None
+        and state.get("status") == "complete"
+        and state.get("plan") == plan.to_json()
+        and storage.exists(storage.join(target, EXPORT_CONFIG))
+    )
+    if up_to_date:
+        print(f"raygpt {stage}: up to date ({plan.max_steps} steps, export at {target}); skipping")
+        return plan, {**state["summary"], "cached": True}, None
+    checkpoint.check_resumable(layout, plan, fresh)
+    checkpoint.write_stage_state(
+        layout, stage, {"status": "running", "fingerprint": plan.fingerprint(), "plan": plan.to_json()}
+    )
+    print(
+        f"raygpt {stage}: {plan.num_workers} workers x micro-batch {plan.micro_batch_size} x accumulation "
+        f"{plan.grad_accum} = {plan.tokens_per_step} tokens/step, {plan.max_steps} steps, lr {plan.learning_rate:g}"
+    )
+    result = run_trainer(config, plan)
+    step = int(result.metrics.get("step", 0))
+    if step < plan.max_steps:  # train.stop_after_steps ended this invocation early
+        summary = {"stage": stage, "status": "paused", "steps": step, "checkpoint": result.checkpoint.path}
+        checkpoint.write_stage_state(layout, stage, {**_complete_state(plan, summary), "status": "paused"})
+        print(f"raygpt {stage}: stopped at step {step} of {plan.max_steps} (checkpointed); run again to resume")
+        return plan, summary, None
+    return plan, None, result
+
+
+def _finish(
+    config: PipelineConfig, plan: TrainPlan, result: Any, summary: dict[str, Any], yardstick: float | None
+) -> dict[str, Any]:
+    stage = plan.stage
+    layout = RunLayout.of(config)
+    rows = checkpoint.read_metrics(result.checkpoint.path)
+    if not storage.is_remote(config.run.dir):
+        from pipeline.train.metrics import plot_loss_curve
+
+        metrics, plot = Path(layout.metrics_file(stage)), Path(layout.loss_curve(stage))
+        storage.write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        plot_loss_curve(rows, plot, f"raygpt {stage}", yardstick)
+        summary["loss_curve"] = str(plot)
+        summary["metrics"] = str(metrics)
+    val = [r for r in rows if r.get("val_loss") is not None]
+    summary.update(
+        steps=rows[-1]["step"] if rows else 0,
+        tokens=rows[-1]["tokens"] if rows else 0,
+        final_loss=rows[-1]["loss"] if rows else None,
+        val_loss=val[-1]["val_loss"] if val else None,
+        val_ppl=val[-1]["val_ppl"] if val else None,
+        checkpoint=result.checkpoint.path,
+        shard_numel=result.metrics.get("shard_numel"),
+        total_numel=result.metrics.get("total_numel"),
+        node_ids=result.metrics.get("node_ids"),
+    )
+    return summary
+
+
+def pretrain(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
+    """Pretrain ``model.preset`` on the tokenized corpus; export to <run.dir>/export/pretrained."""
+    plan, cached, result = _train(config, "pretrain", fresh)
+    if cached is not None:
+        return cached
+    from pipeline.data.reader import SequenceStore
+    from pipeline.train.metrics import token_counts, unigram_cross_entropy, unigram_cross_entropy_on
+
+    started = time.time()
+    manifest = load_dataset_manifest(config, "pretrain")
+    counts = token_counts(SequenceStore(manifest, "train"), plan.tokenizer)
+    unigram = unigram_cross_entropy(counts)
+    val_store = SequenceStore(manifest, "val")
+    unigram_val = unigram_cross_entropy_on(counts, val_store) if len(val_store) else None
+    target = RunLayout.of(config).stage_export("pretrain")
+    # unigram_ce: entropy of the train shards' own unigram distribution; unigram_val_ce: that unigram model
+    # (add-one smoothed) on the validation targets, the like-for-like yardstick for val_loss.
+    summary: dict[str, Any] = {"stage": "pretrain", "unigram_ce": unigram, "unigram_val_ce": unigram_val}
+    summary = _finish(config, plan, result, summary, unigram_val or unigram)
+    summary["export"] = consolidate(
+        result.checkpoint.path,
+        plan,
+        target,
+        {"stage": "pretrain", "steps": summary["steps"], "val_loss": summary["val_loss"]},
+    )
+    summary["export_seconds"] = round(time.time() - started, 1)
+    checkpoint.write_stage_state(RunLayout.of(config), "pretrain", _complete_state(plan, summary))
+    yardstick = unigram_val or unigram
+    print(
+        f"raygpt pretrain: {summary['steps']} steps, {summary['tokens']:,} tokens; val CE {summary['val_loss']:.3f} "
+        f"nats vs unigram CE {yardstick:.3f} on the same tokens (margin {yardstick - summary['val_loss']:.2f}; "
+        f"train-shard unigram entropy {unigram:.3f}); export {summary['export']}"
+    )
+    return summary
+
+
+def finetune(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
+    """Fine-tune an export on prompt/completion data (loss on completions only); report held-out exact match
+    before and after; export to <run.dir>/export/finetuned."""
+    from pipeline.data.reader import heldout_examples
+    from pipeline.train.evaluate import exact_match
+
+    plan, cached, result = _train(config, "finetune", fresh)
+    if cached is not None:
+        return cached
+    assert plan.init_export is not None
+    examples = heldout_examples(load_dataset_manifest(config, "finetune"))
+    before = exact_match(plan.init_export, examples)
+    summary: dict[str, Any] = {"stage": "finetune", "init_from": plan.init_export, "exact_match_before": before}
+    summary = _finish(config, plan, result, summary, None)
+    target = RunLayout.of(config).stage_export("finetune")
+    summary["export"] = consolidate(
+        result.checkpoint.path, plan, target, {"stage": "finetune", "steps": summary["steps"], "from": plan.init_export}
+    )
+    summary["exact_match_after"] = exact_match(target, examples)
+    checkpoint.write_stage_state(RunLayout.of(config), "finetune", _complete_state(plan, summary))
+    print(
+        f"raygpt finetune: {summary['steps']} steps; completion-only val loss {summary['val_loss']:.3f}; held-out "
+        f"exact match {before['exact_match']:.1%} -> {summary['exact_match_after']['exact_match']:.1%} "
+        f"(n={before['n']}); export {summary['export']}"
+    )
+    return summary
+
+
+def _complete_state(plan: TrainPlan, summary: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "complete", "fingerprint": plan.fingerprint(), "plan": plan.to_json(), "summary": summary}

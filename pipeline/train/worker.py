@@ -1,0 +1,137 @@
+"""The function every Ray Train worker runs: one DeepSpeed ZeRO-3 rank.
+
+The loop reads: build the engine (:mod:`.deepspeed`), restore (:mod:`.checkpoint`), then per step take this rank's
+micro-batches (:mod:`.batches`), step, log the metrics (:mod:`.metrics`), evaluate (:mod:`.evaluate`) and
+checkpoint. DeepSpeed is imported here, inside the worker, never on the driver (ray #50406).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.layout import RunLayout
+from pipeline.model.gpt import GPTConfig, flops_per_token
+from pipeline.train import checkpoint
+from pipeline.train.batches import IGNORE, batches_for
+from pipeline.train.deepspeed import build_model, deepspeed_config, param_groups, weights_only_loads
+from pipeline.train.evaluate import all_reduce_sum, validation_loss
+from pipeline.train.metrics import MetricsLog, measure_peak_flops
+from pipeline.train.plan import TrainPlan
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    # torch.distributed's deprecation notices (raised inside DeepSpeed) would repeat on every step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    plan = TrainPlan.from_json(loop_config["plan"])
+    stop_after = loop_config.get("stop_after_steps")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+    torch.manual_seed(plan.seed)
+
+    weights_only_loads()
+    deepspeed.init_distributed(dist_backend="nccl" if plan.use_gpu else "gloo")  # adopts Ray's process group
+    ds_config = deepspeed_config(plan)
+    model = build_model(plan, ds_config, rank)
+    local_numel = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
+    total_numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, plan.weight_decay), config=ds_config
+    )
+    batches = batches_for(plan, rank, world)
+    model_config = GPTConfig.from_dict(plan.model)
+
+    live_metrics = rank == 0 and not storage.is_remote(plan.run_dir)  # remote runs get them through checkpoints
+    log = MetricsLog(Path(RunLayout(plan.run_dir).metrics_file(plan.stage)) if live_metrics else None)
+    step, consumed, tokens_seen = checkpoint.restore(engine, plan, log)
+
+    node_ids: list[str | None] = [None] * world
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    shard_sizes = [0.0] * world
+    shard_sizes[rank] = float(local_numel)
+    shard_sizes = all_reduce_sum(shard_sizes, device)
+    peak_flops = (plan.peak_tflops * 1e12) if plan.peak_tflops else measure_peak_flops(device) if rank == 0 else 0.0
+    token_flops = flops_per_token(model_config, plan.context_length)
+    progress = _progress_bar(plan, step) if rank == 0 else None
+    last_val: dict[str, float] = {}
+
+    stop_at = min(plan.max_steps, step + stop_after) if stop_after else plan.max_steps
+    while step < stop_at:
+        engine.train()
+        started = time.perf_counter()
+        loss_sum, loss_count = 0.0, 0
+        for micro in range(plan.grad_accum):
+            inputs, targets = batches.micro_batch(consumed, micro)
+            output = engine(inputs.to(device), targets.to(device))
+            engine.backward(output.loss)
+            engine.step()
+            count = int((targets != IGNORE).sum())
+            loss_sum += float(output.loss.detach()) * count
+            loss_count += count
+        loss_sum, loss_count = all_reduce_sum([loss_sum, float(loss_count)], device)
+        step += 1
+        consumed += plan.global_batch
+        tokens_seen += int(loss_count)
+        elapsed = time.perf_counter() - started
+        tokens_per_s = plan.tokens_per_step / elapsed
+        row: dict[str, Any] = {
+            "step": step,
+            "tokens": tokens_seen,
+            "loss": loss_sum / max(loss_count, 1.0),
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": _float(engine.get_global_grad_norm()),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed,
+            "mfu": token_flops * tokens_per_s / (peak_flops * world) if peak_flops else None,
+        }
+        if step % plan.eval_every == 0 or step == plan.max_steps:
+            last_val = validation_loss(engine, batches, device)
+            row.update(last_val)
+        log.append(row)
+        if progress is not None:
+            progress.update(1)
+            progress.set_description(f"{plan.stage} loss {row['loss']:.3f}")
+        if step % plan.checkpoint_every == 0 or step == stop_at:
+            report = {
+                "step": step,
+                "loss": row["loss"],
+                "tokens": tokens_seen,
+                **last_val,
+                "shard_numel": shard_sizes,
+                "total_numel": total_numel,
+                "world_size": world,
+                "node_ids": node_ids,
+            }
+            position = {"step": step, "consumed": consumed, "tokens_seen": tokens_seen}
+            checkpoint.save(engine, plan, rank, position, log, report)
+    if progress is not None:
+        progress.close()
+    dist.barrier()
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def _progress_bar(plan: TrainPlan, start: int) -> Any:
+    try:
+        from ray.experimental.tqdm_ray import tqdm
+    except ImportError:  # pragma: no cover - older Ray
+        from tqdm import tqdm
+    bar = tqdm(total=plan.max_steps, desc=plan.stage)
+    if start:
+        bar.update(start)
+    return bar
