@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from pipeline.model import GPTConfig
-from pipeline.presets import PRESETS
+from pipeline.model.gpt import GPTConfig
+from pipeline.model.presets import PRESETS, get_preset
 
 
 class ConfigError(ValueError):
@@ -86,11 +86,7 @@ class ModelSection(Section):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            close = difflib.get_close_matches(value, PRESETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown preset {value!r}{hint}; choose one of: {', '.join(PRESETS)}")
-        return value
+        return get_preset(value).name  # UnknownPresetError is a ValueError naming the close match
 
     def gpt_config(self, vocab_size: int | None = None) -> GPTConfig:
         """The preset's architecture with this section's switches (and the tokenizer's vocabulary) applied."""
