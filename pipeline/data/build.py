@@ -12,7 +12,6 @@ memory copy, far cheaper than BPE encoding, which is what the actors parallelize
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_targe
 from pipeline.data.pack import Packer, ShardWriter
 from pipeline.data.sources import discover
 from pipeline.data.tokenize import TokenizeDocuments, token_dtype
+from pipeline.layout import RunLayout
 from pipeline.raycluster import connect
-from pipeline.tokenizer import get_tokenizer
+from pipeline.model.tokenizer import get_tokenizer
 
 MIN_GROUP_BYTES = 1 << 20  # input bytes per read/tokenize task: at least (unless the corpus is smaller) ...
 MAX_GROUP_BYTES = 8 << 20  # ... and at most (bounds the memory of a task and the wait for the first rows)
@@ -65,10 +65,6 @@ class BuildResult:
                 f"replaced {totals['replaced_chars']} bad characters"
             )
         return "tokenized: " + ", ".join(parts) + f" -> {self.location}"
-
-
-def data_location(config: PipelineConfig) -> str:
-    return storage.join(config.run.dir, "data")
 
 
 def _identity(config: PipelineConfig, tokenizer_info: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -110,7 +106,7 @@ def tokenize_corpus(config: PipelineConfig, overwrite: bool = False, log: Callab
     inputs = [{"index": i, **f.to_dict()} for i, f in enumerate(files)]
     identity = _identity(config, tokenizer.info(), inputs)
     key = fingerprint(identity)
-    location = data_location(config)
+    location = RunLayout.of(config).data
     if check_target(location, identity, key, overwrite):
         return BuildResult(location, {}, True, time.perf_counter() - started)
     if ignored:
@@ -118,14 +114,9 @@ def tokenize_corpus(config: PipelineConfig, overwrite: bool = False, log: Callab
 
     connect(config.run)
     started = time.perf_counter()  # throughput counts the pipeline, not the start of a local Ray
-    staging = storage.staging_dir_for(location)
-    try:
+    with storage.Staged(location, last=MANIFEST) as staging:
         manifest = _build(config, tokenizer, inputs, identity, key, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        storage.publish_dir(staging, location, last=MANIFEST)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     val = manifest["splits"]["val"]
     if data.val_fraction > 0 and val["sequences"] == 0:
         log(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,10 +34,10 @@ from pipeline.data import clean
 from pipeline.data.build import BuildResult
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_target, fingerprint
-from pipeline.data.pack import file_sha256
 from pipeline.data.sources import discover, read_bytes
 from pipeline.data.tokenize import token_dtype
-from pipeline.tokenizer import Tokenizer, get_tokenizer
+from pipeline.layout import RunLayout
+from pipeline.model.tokenizer import Tokenizer, get_tokenizer
 
 SPLITS = ("train", "heldout")
 
@@ -56,10 +55,6 @@ class FinetuneResult(BuildResult):
                 text += f", {info['truncated']} truncated, {info['rejected']} rejected as too long"
             parts.append(text + ")")
         return f"tokenized fine-tune data: {', '.join(parts)} in {self.seconds:.1f} s -> {self.location}"
-
-
-def finetune_location(config: PipelineConfig) -> str:
-    return storage.join(config.run.dir, "finetune_data")
 
 
 def parse_jsonl(text: str, name: str) -> list[tuple[int, str, str]]:
@@ -125,17 +120,12 @@ def tokenize_finetune(
         "inputs": [{"split": split, **item} for split, items in sources.items() for item in items],
     }
     key = fingerprint(identity)
-    location = finetune_location(config)
+    location = RunLayout.of(config).finetune_data
     if check_target(location, identity, key, overwrite):
         return FinetuneResult(location, {}, True, time.perf_counter() - started)
-    staging = storage.staging_dir_for(location)
-    try:
+    with storage.Staged(location, last=MANIFEST) as staging:
         manifest = _build(config, tokenizer, sources, identity, key, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        storage.publish_dir(staging, location, last=MANIFEST)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return FinetuneResult(location, manifest, False, time.perf_counter() - started)
 
 
@@ -200,7 +190,7 @@ def _build(
             relative = f"{split}/shard-{number:05d}.parquet"
             (staging / split).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, staging / relative, row_group_size=1024)
-            shards.append({"path": relative, "rows": stop - start, "sha256": file_sha256(staging / relative)})
+            shards.append({"path": relative, "rows": stop - start, "sha256": storage.file_sha256(staging / relative)})
         splits[split] = {**stats, "sequences": stats["examples"], "shards": shards}
     if splits["train"]["examples"] == 0:
         raise DataError(

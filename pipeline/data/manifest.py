@@ -125,13 +125,9 @@ def read_json(location: str) -> dict[str, Any] | None:
             data = json.loads(stream.read().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{storage.join(location, MANIFEST)}: corrupt manifest ({exc}); rebuild the dataset") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DataError(f"{storage.join(location, MANIFEST)}: not a raygpt dataset manifest")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{storage.join(location, MANIFEST)}: format version {data.get('format_version')} is not supported "
-            f"(this raygpt reads version {FORMAT_VERSION}); rebuild the dataset"
-        )
+    problem = storage.format_problem(data, FORMAT, FORMAT_VERSION)
+    if problem is not None:
+        raise DataError(f"{storage.join(location, MANIFEST)}: not a dataset manifest this raygpt reads ({problem})")
     return data
 
 

@@ -11,7 +11,6 @@ split's stream (``tail="wrap"``, counted in ``wrapped_tokens``), so that for eve
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline import storage
 
 ROW_GROUP_SEQUENCES = 1024
 
@@ -99,17 +100,9 @@ class ShardWriter:
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(sequences_table(rows, self.dtype), path, row_group_size=ROW_GROUP_SEQUENCES)
-        self.shards.append({"path": relative, "rows": len(rows), "sha256": file_sha256(path)})
+        self.shards.append({"path": relative, "rows": len(rows), "sha256": storage.file_sha256(path)})
 
 
 def sequences_table(rows: np.ndarray, dtype: np.dtype) -> pa.Table:
     values = pa.array(np.ascontiguousarray(rows, dtype=dtype).reshape(-1), pa.from_numpy_dtype(dtype))
     return pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, rows.shape[1])})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

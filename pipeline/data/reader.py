@@ -36,9 +36,7 @@ from pipeline import storage
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import MANIFEST, Manifest, Shard, missing_shards, read_json
 from pipeline.data.sources import open_input
-
-KIND_DIRS = {"pretrain": "data", "finetune": "finetune_data"}
-
+from pipeline.layout import RunLayout
 
 def load_manifest(location: str, kind: str | None = None) -> Manifest:
     """The manifest of the dataset at ``location``: a dataset directory, or a run directory (then its ``data/``,
@@ -49,7 +47,7 @@ def load_manifest(location: str, kind: str | None = None) -> Manifest:
     location = str(location)
     data = read_json(location)
     if data is None:
-        sub = storage.join(location, KIND_DIRS.get(kind or "pretrain", "data"))
+        sub = RunLayout(location).dataset("finetune" if kind == "finetune" else "pretrain")
         data = read_json(sub)
         if data is None:
             raise DataError(

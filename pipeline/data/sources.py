@@ -9,13 +9,13 @@ train/val split of a document never depends on which other files are present.
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline import storage
 from pipeline.data.errors import DataError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -36,24 +36,17 @@ class InputFile:
         return asdict(self)
 
 
-def is_uri(location: str) -> bool:
-    return "://" in location
-
-
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path of a local path or URI."""
-    if not is_uri(location):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    """The pyarrow filesystem and in-filesystem path of a local path or URI (DataError when unusable)."""
     try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (pafs.ArrowInvalid, ValueError, OSError) as exc:  # type: ignore[attr-defined]
-        raise DataError(f"cannot open {location!r}: {exc}") from exc
-    return fs, path
+        return storage.filesystem(location)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _join_uri(base_uri: str, base_path: str, path: str) -> str:
     """Rebuild a URI for ``path`` (inside the filesystem of ``base_uri``, whose own path is ``base_path``)."""
-    if not is_uri(base_uri):
+    if not storage.is_uri(base_uri):
         return path
     prefix = base_uri[: len(base_uri) - len(base_uri.split("://", 1)[1])]  # scheme://
     if base_uri.startswith("file://"):
@@ -87,6 +80,17 @@ def _list_dir(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
+def _sort_entry(entry: pafs.FileInfo, rel: str, uri: str, found: list[InputFile], ignored: list[str]) -> None:
+    """A listed file: an input when it has a known extension, ignored (and reported) otherwise; hidden files
+    (a path part starting with ``.`` or ``_``) are skipped silently."""
+    if _hidden(rel):
+        return
+    if _kind(rel) is None:
+        ignored.append(uri)
+    else:
+        found.append(_file(entry, uri, rel))
+
+
 def discover(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
     """Expand files, globs and directories into input files (in a stable order) and the ignored files' URIs.
 
@@ -103,7 +107,7 @@ def discover(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
     for spec in inputs:
         fs, path = filesystem(spec)
         found: list[InputFile] = []
-        scheme_part = spec.split("://", 1)[1] if is_uri(spec) else path
+        scheme_part = spec.split("://", 1)[1] if storage.is_uri(spec) else path
         if any(char in scheme_part for char in _GLOB_CHARS):
             parts = path.split("/")
             fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
@@ -114,11 +118,8 @@ def discover(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
                 raise DataError(f"input {spec!r}: folder {root!r} does not exist")
             for entry in _list_dir(fs, root):
                 rel = entry.path[len(root) :].lstrip("/")
-                if fnmatch.fnmatchcase(rel, pattern) and not _hidden(rel):
-                    if _kind(rel) is None:
-                        ignored.append(_join_uri(spec, path, entry.path))
-                    else:
-                        found.append(_file(entry, _join_uri(spec, path, entry.path), rel))
+                if fnmatch.fnmatchcase(rel, pattern):
+                    _sort_entry(entry, rel, _join_uri(spec, path, entry.path), found, ignored)
             if not found:
                 raise DataError(f"input {spec!r} matches no .txt, .jsonl or .parquet file")
         else:
@@ -128,18 +129,13 @@ def discover(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
             if info.type == pafs.FileType.Directory:
                 for entry in _list_dir(fs, path):
                     rel = entry.path[len(path.rstrip("/")) :].lstrip("/")
-                    if _hidden(rel):
-                        continue
-                    if _kind(rel) is None:
-                        ignored.append(_join_uri(spec, path, entry.path))
-                    else:
-                        found.append(_file(entry, _join_uri(spec, path, entry.path), rel))
+                    _sort_entry(entry, rel, _join_uri(spec, path, entry.path), found, ignored)
                 if not found:
                     raise DataError(f"input directory {spec!r} holds no .txt, .jsonl or .parquet file")
             else:
                 if _kind(path) is None:
                     raise DataError(f"input {spec!r}: unsupported file type (use .txt, .jsonl or .parquet)")
-                found.append(_file(info, spec if is_uri(spec) else path, path.rsplit("/", 1)[-1]))
+                found.append(_file(info, spec if storage.is_uri(spec) else path, path.rsplit("/", 1)[-1]))
         for item in sorted(found, key=lambda f: f.rel):
             if item.uri not in seen:
                 seen.add(item.uri)
@@ -149,18 +145,15 @@ def discover(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of a file (local path or URI); errors name the file."""
-    fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except (OSError, PermissionError) as exc:
-        raise DataError(f"cannot read {uri!r}: {exc}") from exc
+        return storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def open_input(uri: str) -> Any:
     """A seekable binary file object for ``uri`` (for parquet)."""
-    fs, path = filesystem(uri)
     try:
-        return fs.open_input_file(path)
-    except (OSError, PermissionError) as exc:
-        raise DataError(f"cannot read {uri!r}: {exc}") from exc
+        return storage.open_input(uri)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from exc

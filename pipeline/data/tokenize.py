@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.documents import KIND_DOCUMENT
-from pipeline.tokenizer import Tokenizer, get_tokenizer
+from pipeline.model.tokenizer import Tokenizer, get_tokenizer
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -22,18 +22,13 @@ def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.int32)
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Flat ids of all documents (each followed by <|endoftext|>) and the per-document lengths."""
     dtype = token_dtype(tokenizer.n_vocab)
-    joined = _encode_joined(tokenizer, texts) if num_threads == 1 else None
+    joined = _encode_joined(tokenizer, texts)
     if joined is not None:
         return joined.astype(dtype, copy=False), np.diff(np.flatnonzero(joined == tokenizer.eot_id), prepend=-1)
-    encoding = tokenizer.encoding
-    encoded: list[Any]
-    if num_threads > 1:
-        encoded = encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-    else:
-        encoded = [encoding.encode_ordinary(text) for text in texts]
+    encoded = [tokenizer.encoding.encode_ordinary(text) for text in texts]
     eot = tokenizer.eot_id
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
@@ -64,18 +59,15 @@ def _encode_joined(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray | None:
 class TokenizeDocuments:
     """Ray Data actor: document rows (pyarrow) to token rows. One encoding load per actor."""
 
-    def __init__(self, tokenizer_name: str, tokenizer_file: str | None = None, num_threads: int = 1) -> None:
+    def __init__(self, tokenizer_name: str, tokenizer_file: str | None = None) -> None:
         self.tokenizer = get_tokenizer(tokenizer_name, tokenizer_file)
-        self.num_threads = num_threads
         self.value_type = pa.from_numpy_dtype(token_dtype(self.tokenizer.n_vocab))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kind = batch.column("kind").to_numpy()
         texts = batch.column("text").to_pylist()
         is_doc = kind == KIND_DOCUMENT
-        flat, doc_lengths = encode_documents(
-            self.tokenizer, [t for t, d in zip(texts, is_doc, strict=True) if d], self.num_threads
-        )
+        flat, doc_lengths = encode_documents(self.tokenizer, [t for t, d in zip(texts, is_doc, strict=True) if d])
         lengths = np.zeros(len(texts), np.int64)
         lengths[is_doc] = doc_lengths
         offsets = np.zeros(len(texts) + 1, np.int64)
