@@ -1,0 +1,154 @@
+"""Deploying the ``raygpt`` Serve application: the Ingress in front of ``serve.num_replicas`` (or autoscaled)
+Generator replicas of one export, Serve's HTTP proxy on ``serve.host:serve.port``, and removing it again.
+
+Backpressure: each Generator replica takes ``max_ongoing_requests`` requests at a time; up to
+``max_queued_requests`` more wait in the ingress's handle queue; beyond that the ingress answers 503 at once.
+Deploying again with another export rolls the Generator replicas over (new ones start before old ones stop, old
+ones finish their requests), so clients see no failed requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from ray import serve
+
+from pipeline.layout import resolve_export
+from pipeline.serve.app import Ingress
+from pipeline.serve.replica import Generator
+from pipeline.serve.serving import ServingSettings
+
+APP_NAME = "raygpt"
+API_KEY_ENV = "RAYGPT_API_KEY"
+
+
+def build_app(config: Any, export: str | None = None) -> Any:
+    """The Serve application for ``config.serve`` (export: ``export`` or ``resolve_export(config)``)."""
+    from pipeline.export.format import read_export_info
+
+    s = config.serve
+    location = resolve_export(config, export)
+    info, _ = read_export_info(location)  # a missing or broken export fails here, not in replica restarts
+    options: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
+        "max_surge_percent": 100,  # rolling updates start replacements before stopping old replicas
+        "graceful_shutdown_timeout_s": s.request_timeout_s + 5,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "max_constructor_retry_count": 3,
+        # A dead replica is noticed by its failed health check: every 2 s rather than Serve's 10 s, so a killed
+        # replica is replaced within seconds (tests/integration/test_faults.py measures it).
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
+    }
+    if s.autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": s.autoscaling.min_replicas,
+            "initial_replicas": max(1, s.autoscaling.min_replicas),
+            "max_replicas": s.autoscaling.max_replicas,
+            "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
+        }
+        options["num_replicas"] = "auto"
+    else:
+        options["num_replicas"] = s.num_replicas
+    generator = Generator.options(**options).bind(
+        location,
+        max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s,
+        num_threads=max(1, math.ceil(s.num_cpus_per_replica)),
+        device="cuda" if s.num_gpus_per_replica > 0 else "cpu",
+        tokenizer_file=config.data.tokenizer_file,
+    )
+    api_key = s.api_key.get_secret_value() if s.api_key is not None else os.environ.get(API_KEY_ENV)
+    settings = ServingSettings(
+        model_name=s.model_name,
+        api_key=api_key or None,
+        request_timeout_s=s.request_timeout_s,
+        max_request_bytes=s.max_request_bytes,
+        export=location,
+        context_length=info.model.context_length,
+        vocab_size=info.model.vocab_size,
+        tokenizer=info.tokenizer.get("name", "r50k_base"),
+        tokenizer_file=config.data.tokenizer_file,
+    )
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,
+        max_surge_percent=100,
+        graceful_shutdown_timeout_s=s.request_timeout_s + 5,
+        graceful_shutdown_wait_loop_s=0.5,
+        max_constructor_retry_count=3,
+    ).bind(generator, settings)
+    return ingress
+
+
+def base_url(config: Any) -> str:
+    host = config.serve.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.serve.port}"
+
+
+def http_options(config: Any) -> dict[str, Any]:
+    """Serve's HTTP proxy settings: ``serve.host`` (127.0.0.1 unless configured: Ray Serve's own default would be
+    127.0.0.1 too, but it is never left implicit) and ``serve.port``."""
+    return {
+        "host": config.serve.host,
+        "port": config.serve.port,
+        "request_timeout_s": config.serve.request_timeout_s + 10,
+    }
+
+
+def deploy(config: Any, export: str | None = None) -> str:
+    """Start (or update in place: a rolling update) the ``raygpt`` Serve application; returns the base URL.
+
+    Joins ``run.ray_address`` or starts a local Ray, starts Serve's HTTP proxy on ``serve.host:serve.port``
+    (fixed for the life of the Ray cluster's Serve instance), and waits until the replicas are up.
+    """
+    from pipeline.raycluster import connect
+
+    app = build_app(config, resolve_export(config, export))
+    connect(config.run)
+    serve.start(http_options=http_options(config))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return base_url(config)
+
+
+def serve_forever(poll_s: float = 1.0) -> None:
+    """Block until Ctrl-C, then delete the application and stop Serve."""
+    try:
+        while True:
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Delete the ``raygpt`` application and stop Serve (the Ray cluster itself keeps running). Safe to call
+    twice or when Serve is not running."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(APP_NAME)
+    except RayServeException:  # no Serve instance running
+        return
+    serve.shutdown()
+
+
+def curl_example(config: Any, url: str | None = None) -> str:
+    """A ready-to-paste curl command for the endpoint."""
+    url = url or base_url(config)
+    body = json.dumps({"model": config.serve.model_name, "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8})
+    auth = ""
+    if config.serve.api_key is not None or os.environ.get(API_KEY_ENV):
+        auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"'
+    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"

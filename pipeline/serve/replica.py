@@ -1,0 +1,151 @@
+"""The ``Generator`` deployment: one export, one continuous-batching :class:`~pipeline.inference.engine.Engine`.
+
+A background loop steps the engine while it has work; new sequences join the running batch at the next step and
+finished ones leave it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream,
+first a :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` one list at the end
+with each sequence's merged output). An engine failure fails the sequences in flight and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from pipeline.inference.outputs import Delta
+from pipeline.inference.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to generate: the prompt's ids, its text when it was given as text (echo returns it verbatim),
+    and how to sample."""
+
+    prompt_ids: list[int]
+    prompt_text: str | None
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """Which replica and which weights answer a request (sent before any output)."""
+
+    replica: str
+    export_sha256: str
+    export: str
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; the sequences it was running are lost, the replica keeps serving."""
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(
+        self,
+        export: str,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        num_threads: int = 1,
+        device: str = "cpu",
+        tokenizer_file: str | None = None,
+    ) -> None:
+        import torch
+
+        from pipeline.inference.engine import Engine
+
+        torch.set_num_threads(max(1, num_threads))
+        self.engine, self.info = Engine.from_export(
+            export,
+            max_batch_size=max_batch_size,
+            device=device,
+            dtype=torch.bfloat16 if device.startswith("cuda") else None,  # fp32 on CPUs (bf16 matmuls are slow)
+            tokenizer_file=tokenizer_file,
+        )
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raygpt-engine")
+        self._queues: dict[int, asyncio.Queue[Delta | EngineFailure]] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _ensure_loop(self) -> asyncio.Event:
+        if self._wake is None or self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._wake
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                if self.batch_wait_timeout_s > 0:
+                    await asyncio.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals share the prefill
+            try:
+                deltas = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # fail the requests in flight, keep serving
+                failure = EngineFailure(f"{type(exc).__name__}: {exc}")
+                for seq_id in self.engine.reset():
+                    queue = self._queues.get(seq_id)
+                    if queue is not None:
+                        queue.put_nowait(failure)
+                continue
+            for delta in deltas:
+                queue = self._queues.get(delta.seq_id)
+                if queue is not None:
+                    queue.put_nowait(delta)
+
+    def stats(self) -> dict[str, Any]:
+        """Sequences running and waiting in this replica's engine, and requests attached to it."""
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "attached": len(self._queues)}
+
+    def check_health(self) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            raise RuntimeError(f"the generation loop died: {self._task.exception()!r}")
+
+    async def generate(
+        self, sequences: list[SequenceRequest], stream: bool = True
+    ) -> AsyncIterator[ReplicaInfo | list[tuple[int, Delta]]]:
+        """Yields a :class:`ReplicaInfo`, then ``(sequence index, delta)`` lists until every sequence finished;
+        without ``stream`` one list of merged deltas at the end (far less per-token overhead)."""
+        yield ReplicaInfo(self.replica, self.info.weights_sha256, self.info.location)
+        wake = self._ensure_loop()
+        queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
+        index: dict[int, int] = {}
+        try:
+            for i, seq in enumerate(sequences):
+                seq_id = self.engine.add(seq.prompt_ids, seq.params, seq.prompt_text)
+                index[seq_id] = i
+                self._queues[seq_id] = queue
+            wake.set()
+            remaining = len(index)
+            merged = [Delta(seq_id) for seq_id in index]
+            while remaining:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                out = []
+                for item in items:
+                    if isinstance(item, EngineFailure):
+                        raise item
+                    if item.finish_reason is not None:
+                        remaining -= 1
+                    if stream:
+                        out.append((index[item.seq_id], item))
+                    else:
+                        merged[index[item.seq_id]].merge(item)
+                if out:
+                    yield out
+            if not stream:
+                yield list(enumerate(merged))
+        finally:
+            for seq_id in index:
+                if self._queues.pop(seq_id, None) is not None:
+                    self.engine.abort(seq_id)  # a no-op for finished sequences
