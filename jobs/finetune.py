@@ -5,7 +5,7 @@ ray job submit --working-dir . -- python jobs/finetune.py --config cluster.yaml 
 
 import sys
 
-from _entry import run
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(["finetune"]))
+    sys.exit(main(["finetune", *sys.argv[1:]]))

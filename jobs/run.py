@@ -7,10 +7,10 @@ one sample request, prints the summary and ends; the endpoint stays up on the cl
 
 import sys
 
-from _entry import run
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    status = run(["run", "--exit-after-sample"])
+    status = main(["run", "--exit-after-sample", *sys.argv[1:]])
     if status == 0 and "--no-serve" not in sys.argv:
         print("raygpt job: the endpoint stays up after this job; remove it with jobs/serve.py --stop")
     sys.exit(status)

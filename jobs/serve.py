@@ -6,7 +6,7 @@ ends once the replicas are up. ``--stop`` deletes the application instead.
 
 import sys
 
-from _entry import run
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(["serve", "--detach"]))
+    sys.exit(main(["serve", "--detach", *sys.argv[1:]]))

@@ -1,4 +1,8 @@
-"""The ``raygpt`` command line."""
+"""The ``raygpt`` command line: one table, :data:`COMMANDS`, maps every subcommand to the function that runs it and
+the options it takes. Stage code is imported only by the command that needs it, so ``raygpt --help`` is quick.
+
+Every error a user can cause (:data:`USER_ERRORS`) ends with one ``raygpt: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,17 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.data.errors import DataError
-from pipeline.export import ExportError
-from pipeline.tokenizer import TokenizerError
-from pipeline.train import TrainError
+from pipeline.export.format import ExportError
+from pipeline.layout import RunLayout, resolve_export
+from pipeline.model.tokenizer import TokenizerError
+from pipeline.train.plan import TrainError
+
+Args = argparse.Namespace
 
 
 def _human(count: float) -> str:
@@ -21,36 +30,31 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", metavar="FILE", help="cluster.yaml (metadata.pipeline) or a plain YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a key, e.g. --set train.max_steps=200 (repeatable; values are YAML)",
-    )
-
-
-def _config(args: argparse.Namespace) -> PipelineConfig:
+def _config(args: Args) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
 
-def cmd_config_show(args: argparse.Namespace) -> int:
+def _print_json(summary: dict[str, Any]) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def config_show(args: Args) -> int:
     sys.stdout.write(_config(args).to_yaml())
     return 0
 
 
-def cmd_config_reference(args: argparse.Namespace) -> int:
+def config_reference(args: Args) -> int:
     from pipeline.config_docs import reference_markdown
 
     print(reference_markdown())
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from pipeline.presets import preset_rows
+def models(args: Args) -> int:
+    from pipeline.model.presets import preset_rows
 
     rows = preset_rows()
     if args.json:
@@ -70,21 +74,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_init_export(args: argparse.Namespace) -> int:
+def init_export(args: Args) -> int:
     """Write an untrained export of the configured model (a starting point for serving before training)."""
     import torch
 
-    from pipeline import storage
-    from pipeline.export import save_export
-    from pipeline.model import GPT
-    from pipeline.tokenizer import get_tokenizer
+    from pipeline.export.format import save_export
+    from pipeline.model.gpt import GPT
+    from pipeline.model.tokenizer import get_tokenizer
 
     config = _config(args)
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_file)
     model_config = config.model.gpt_config(vocab_size=tokenizer.n_vocab)
     torch.manual_seed(config.run.seed)
     model = GPT(model_config)
-    target = args.out or storage.join(config.run.dir, "export", "init")
+    target = args.out or RunLayout.of(config).export("init")
     written = save_export(
         model, model_config, target, tokenizer.info(), metadata={"stage": "init", "preset": config.model.preset}
     )
@@ -92,9 +95,10 @@ def cmd_init_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate(args: Args) -> int:
     """Complete prompts locally with the batched generation engine (no Ray, no Serve)."""
-    from pipeline.generate import SamplingParams, complete
+    from pipeline.inference.engine import Engine
+    from pipeline.inference.sampling import SamplingParams
 
     config = _config(args)
     params = SamplingParams(
@@ -106,27 +110,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else config.run.seed,
     )
     prompts: list[str] = args.prompt
+    engine, _ = Engine.from_export(
+        resolve_export(config, args.export), max_batch_size=len(prompts), tokenizer_file=config.data.tokenizer_file
+    )
+    ids = [engine.encode(p) for p in prompts]
     if len(prompts) == 1:  # stream the one completion as it is generated
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
 
-        def show(_index: int, text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        def show(_index: int, delta: Any) -> None:
+            if delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
 
-        complete(config, prompts, params, args.export, on_text=show)
+        engine.generate(ids, params, on_delta=show)
         sys.stdout.write("\n")
         return 0
-    for prompt, completion in zip(prompts, complete(config, prompts, params, args.export), strict=True):
+    for prompt, completion in zip(prompts, engine.generate(ids, params), strict=True):
         print(f"{prompt}{completion.text}\n[{completion.finish_reason}, {completion.completion_tokens} tokens]\n")
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve(args: Args) -> int:
     """Start the OpenAI-compatible endpoint on Ray Serve (blocking unless --detach), or stop it (--stop)."""
     import os
 
-    from pipeline.serve import curl_example, deploy, serve_forever, shutdown
+    from pipeline.serve.deploy import curl_example, deploy, serve_forever, shutdown
 
     config = _config(args)
     if (args.detach or args.stop) and not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
@@ -154,22 +163,187 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tokenize(args: argparse.Namespace) -> int:
+def tokenize(args: Args) -> int:
     """Tokenize data.inputs into <run.dir>/data (packed sequences + manifest)."""
     from pipeline.data.build import tokenize_corpus
 
-    result = tokenize_corpus(_config(args), overwrite=args.overwrite)
-    print(result.summary())
+    print(tokenize_corpus(_config(args), overwrite=args.overwrite).summary())
     return 0
 
 
-def cmd_tokenize_finetune(args: argparse.Namespace) -> int:
+def tokenize_finetune(args: Args) -> int:
     """Tokenize finetune.inputs / finetune.eval_inputs into <run.dir>/finetune_data."""
-    from pipeline.data.finetune import tokenize_finetune
+    from pipeline.data.finetune import tokenize_finetune as build
 
-    result = tokenize_finetune(_config(args), overwrite=args.overwrite)
-    print(result.summary())
+    print(build(_config(args), overwrite=args.overwrite).summary())
     return 0
+
+
+def pretrain(args: Args) -> int:
+    from pipeline.train.driver import pretrain as run
+
+    summary = run(_config(args), fresh=args.fresh)
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def finetune(args: Args) -> int:
+    from pipeline.train.driver import finetune as run
+
+    summary = run(_config(args), fresh=args.fresh)
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def export(args: Args) -> int:
+    config = _config(args)
+    if args.hf:
+        from pipeline.export.hf import export_hf
+
+        source = args.source or RunLayout.of(config).newest_export()
+        print(f"wrote Hugging Face GPT-2 directory {export_hf(source, args.hf)} from {source}")
+        return 0
+    from pipeline.train.consolidate import export_latest
+
+    written = export_latest(config, args.stage, args.out)
+    print(f"consolidated the latest {args.stage} checkpoint into {written}")
+    return 0
+
+
+def import_hf(args: Args) -> int:
+    from pipeline.export.hf import import_hf as run
+
+    config = _config(args)
+    written = run(args.directory, args.out or RunLayout.of(config).export("imported"))
+    print(
+        f"imported {args.directory} as {written}; fine-tune it with: raygpt finetune --set finetune.init_from={written}"
+    )
+    return 0
+
+
+def run(args: Args) -> int:
+    from pipeline.run import run_pipeline
+
+    run_pipeline(_config(args), serve=not args.no_serve, exit_after_sample=args.exit_after_sample, fresh=args.fresh)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+
+def opt(*flags: str, **kwargs: Any) -> Option:
+    return Option(flags, kwargs)
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[Args], int]
+    help: str
+    options: tuple[Option, ...] = ()
+    takes_config: bool = True  # --config / --set
+
+
+EXPORT_HELP = "export directory or URI (default: serve.export, else the run's newest: finetuned, pretrained, ...)"
+FRESH = opt("--fresh", action="store_true", help="discard this run's checkpoints and start over")
+JSON_SUMMARY = opt("--json", action="store_true", help="print the run summary as JSON")
+OVERWRITE = opt("--overwrite", action="store_true", help="replace a different dataset already there")
+
+# "config show" is the subcommand "show" of the group "config".
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        run,
+        "the whole pipeline: tokenize, pretrain, finetune, export, serve",
+        (
+            opt("--no-serve", action="store_true", help="stop after training and exporting"),
+            opt("--exit-after-sample", action="store_true", help="exit after the sample request"),
+            opt("--fresh", action="store_true", help="retrain from scratch (data is reused when unchanged)"),
+        ),
+    ),
+    "config show": Command(config_show, "print the resolved config tree as YAML"),
+    "config reference": Command(
+        config_reference, "print the config reference (Markdown, as in README)", takes_config=False
+    ),
+    "models": Command(
+        models,
+        "list the model presets (GPT-3 Table 2.1 and tiny CPU sizes)",
+        (opt("--json", action="store_true", help="print a JSON list instead of a table"),),
+        takes_config=False,
+    ),
+    "tokenize": Command(tokenize, "tokenize and pack data.inputs into <run.dir>/data", (OVERWRITE,)),
+    "tokenize-finetune": Command(
+        tokenize_finetune, "tokenize prompt/completion data into <run.dir>/finetune_data", (OVERWRITE,)
+    ),
+    "pretrain": Command(pretrain, "pretrain model.preset on <run.dir>/data (DeepSpeed ZeRO-3)", (FRESH, JSON_SUMMARY)),
+    "finetune": Command(finetune, "fine-tune an export on <run.dir>/finetune_data", (FRESH, JSON_SUMMARY)),
+    "export": Command(
+        export,
+        "consolidate ZeRO-3 checkpoints into an export, or write GPT-2 (--hf)",
+        (
+            opt("--stage", choices=["pretrain", "finetune"], default="pretrain"),
+            opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/<stage>ed)"),
+            opt("--hf", metavar="DIR", help="write a Hugging Face GPT-2 directory instead"),
+            opt("--source", metavar="EXPORT", help="with --hf: the export to convert (default: newest)"),
+        ),
+    ),
+    "import-hf": Command(
+        import_hf,
+        "turn a Hugging Face GPT-2 directory into a raygpt export",
+        (
+            opt("directory", help="folder with config.json and model.safetensors (or pytorch_model.bin)"),
+            opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/imported)"),
+        ),
+    ),
+    "init-export": Command(
+        init_export,
+        "write an untrained export of model.preset",
+        (opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/init)"),),
+    ),
+    "generate": Command(
+        generate,
+        "complete prompts locally from an export (no Serve)",
+        (
+            opt("--export", metavar="DIR", help=EXPORT_HELP),
+            opt("--prompt", required=True, action="append", help="repeat for a batch of prompts"),
+            opt("--max-tokens", type=int, default=32),
+            opt("--temperature", type=float, default=0.8, help="0 is greedy"),
+            opt("--top-k", type=int, default=50, help="0: off"),
+            opt("--top-p", type=float, default=1.0),
+            opt("--stop", action="append", default=[], help="stop string (repeatable)"),
+            opt("--seed", type=int, default=None, help="default: run.seed"),
+        ),
+    ),
+    "serve": Command(
+        serve,
+        "serve an export over an OpenAI-compatible HTTP API (Ray Serve)",
+        (
+            opt("--export", metavar="DIR", help=EXPORT_HELP),
+            opt("--detach", action="store_true", help="return once up, leaving it on the Ray cluster"),
+            opt("--stop", action="store_true", help="delete the application and stop Serve"),
+        ),
+    ),
+}
+
+GROUPS = {"config": "inspect the resolved configuration"}
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="cluster.yaml (metadata.pipeline) or a plain YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a key, e.g. --set train.max_steps=200 (repeatable; values are YAML)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,59 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raygpt", description="GPT-3-style pipeline on Ray: tokenize, pretrain, fine-tune, serve."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    config_parser = commands.add_parser("config", help="inspect the resolved configuration")
-    config_commands = config_parser.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_commands.add_parser("show", help="print the resolved config tree as YAML")
-    _config_args(show)
-    show.set_defaults(handler=cmd_config_show)
-    reference = config_commands.add_parser("reference", help="print the config reference (Markdown, as in README)")
-    reference.set_defaults(handler=cmd_config_reference)
-
-    models = commands.add_parser("models", help="list the model presets (GPT-3 Table 2.1 and tiny CPU sizes)")
-    models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    models.set_defaults(handler=cmd_models)
-
-    init = commands.add_parser("init-export", help="write an untrained export of model.preset")
-    _config_args(init)
-    init.add_argument("--out", metavar="DIR", help="export directory (default <run.dir>/export/init)")
-    init.set_defaults(handler=cmd_init_export)
-
-    export_help = "export directory or URI (default: serve.export, else <run.dir>/export/finetuned, pretrained, init)"
-    generate = commands.add_parser("generate", help="complete prompts locally from an export (no Serve)")
-    _config_args(generate)
-    generate.add_argument("--export", metavar="DIR", help=export_help)
-    generate.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
-    generate.add_argument("--max-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    generate.add_argument("--top-k", type=int, default=50, help="0: off")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument("--seed", type=int, default=None, help="default: run.seed")
-    generate.set_defaults(handler=cmd_generate)
-
-    serve_cmd = commands.add_parser("serve", help="serve an export over an OpenAI-compatible HTTP API (Ray Serve)")
-    _config_args(serve_cmd)
-    serve_cmd.add_argument("--export", metavar="DIR", help=export_help)
-    serve_cmd.add_argument("--detach", action="store_true", help="return once up, leaving it on the Ray cluster")
-    serve_cmd.add_argument("--stop", action="store_true", help="delete the application and stop Serve")
-    serve_cmd.set_defaults(handler=cmd_serve)
-
-    tokenize = commands.add_parser("tokenize", help="tokenize and pack data.inputs into <run.dir>/data")
-    _config_args(tokenize)
-    tokenize.add_argument("--overwrite", action="store_true", help="replace a different dataset already there")
-    tokenize.set_defaults(handler=cmd_tokenize)
-
-    tokenize_ft = commands.add_parser(
-        "tokenize-finetune", help="tokenize prompt/completion data into <run.dir>/finetune_data"
-    )
-    _config_args(tokenize_ft)
-    tokenize_ft.add_argument("--overwrite", action="store_true", help="replace a different dataset already there")
-    tokenize_ft.set_defaults(handler=cmd_tokenize_finetune)
-
-    from pipeline.cli_train import add_commands as add_train_commands
-
-    add_train_commands(commands, _config_args)
+    groups: dict[str, Any] = {}
+    for name, command in COMMANDS.items():
+        group, _, sub = name.rpartition(" ")
+        if group and group not in groups:
+            group_parser = commands.add_parser(group, help=GROUPS[group])
+            groups[group] = group_parser.add_subparsers(dest=f"{group}_command", required=True, metavar="ACTION")
+        sub_parser = (groups[group] if group else commands).add_parser(sub, help=command.help)
+        if command.takes_config:
+            _config_args(sub_parser)
+        for option in command.options:
+            sub_parser.add_argument(*option.flags, **option.kwargs)
+        sub_parser.set_defaults(handler=command.handler)
     return parser
 
 
@@ -245,9 +378,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    args = build_parser().parse_args(argv)
+    handler: Callable[[Args], int] = args.handler
     try:
         return handler(args)
     except USER_ERRORS as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
+from pipeline.layout import RunLayout
 
 SAMPLE_PROMPT_INDEX = 0
 
@@ -31,7 +32,7 @@ def sample_request(url: str, config: PipelineConfig, prompt: str, max_tokens: in
         {"model": config.serve.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     ).encode()
     headers = {"Content-Type": "application/json"}
-    from pipeline.serve import API_KEY_ENV
+    from pipeline.serve.deploy import API_KEY_ENV
 
     key = config.serve.api_key.get_secret_value() if config.serve.api_key else os.environ.get(API_KEY_ENV)
     if key:
@@ -48,7 +49,7 @@ def run_pipeline(
     from pipeline.data.finetune import tokenize_finetune
     from pipeline.data.reader import heldout_examples, load_manifest
     from pipeline.raycluster import connect
-    from pipeline.train import finetune, pretrain
+    from pipeline.train.driver import finetune, pretrain
 
     connect(config.run)
     timings: dict[str, float] = {}
@@ -97,7 +98,7 @@ def run_pipeline(
         },
     }
     if serve:
-        from pipeline.serve import curl_example, deploy
+        from pipeline.serve.deploy import curl_example, deploy
 
         started = time.perf_counter()
         url = deploy(config, export=finetuned.get("export"))
@@ -116,7 +117,7 @@ def run_pipeline(
     _write_summary(config, summary)
     print_summary(summary)
     if serve and not exit_after_sample:
-        from pipeline.serve import serve_forever, shutdown
+        from pipeline.serve.deploy import serve_forever, shutdown
 
         print("serving until Ctrl-C ...")
         try:
@@ -135,10 +136,9 @@ def _split_tokens(manifest: Any) -> dict[str, int]:
 def _write_summary(config: PipelineConfig, summary: dict[str, Any]) -> None:
     if storage.is_remote(config.run.dir):
         return
-    path = storage.local_path(config.run.dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    summary["summary_file"] = str(Path(path))
+    path = Path(RunLayout.of(config).summary_file)
+    storage.write_text_atomic(path, json.dumps(summary, indent=2, default=str) + "\n")
+    summary["summary_file"] = str(path)
 
 
 def _pct(value: float | None) -> str:
