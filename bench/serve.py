@@ -43,11 +43,11 @@ import torch  # noqa: E402
 
 from bench.report import Headline, save_fragment  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.export import load_export, save_export  # noqa: E402
-from pipeline.hf import gpt_config_to_hf, to_hf_state_dict  # noqa: E402
-from pipeline.model import GPT  # noqa: E402
-from pipeline.presets import PRESETS  # noqa: E402
-from pipeline.tokenizer import get_tokenizer  # noqa: E402
+from pipeline.export.format import load_export, save_export  # noqa: E402
+from pipeline.export.hf import gpt_config_to_hf, to_hf_state_dict  # noqa: E402
+from pipeline.model.gpt import GPT  # noqa: E402
+from pipeline.model.presets import PRESETS  # noqa: E402
+from pipeline.model.tokenizer import get_tokenizer  # noqa: E402
 
 SAMPLE = _BENCH.parent / "data" / "sample" / "shakespeare"
 
@@ -225,7 +225,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from pipeline.serve import APP_NAME, deploy
+    from pipeline.serve.deploy import APP_NAME, deploy
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()

@@ -170,7 +170,7 @@ def run_pipeline(corpus: Path, run_dir: Path, cpus: int) -> dict[str, Any]:
 
 
 def baseline(corpus: Path) -> dict[str, Any]:
-    from pipeline.tokenizer import get_tokenizer
+    from pipeline.model.tokenizer import get_tokenizer
 
     encoding = get_tokenizer().encoding
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*.txt"))]

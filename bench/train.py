@@ -35,9 +35,9 @@ WARMUP_STEPS = 5
 
 def plain_pytorch(preset: str, context: int, micro_batch: int, steps: int, lr: float) -> float:
     """Median tokens/s of a plain single-process loop (one thread, like one Ray worker with one CPU)."""
-    from pipeline.model import GPT
-    from pipeline.presets import PRESETS
-    from pipeline.train_worker import param_groups
+    from pipeline.model.gpt import GPT
+    from pipeline.model.presets import PRESETS
+    from pipeline.train.deepspeed import param_groups
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -58,7 +58,8 @@ def plain_pytorch(preset: str, context: int, micro_batch: int, steps: int, lr: f
 
 def raygpt_run(run_dir: Path, workers: int, preset: str, context: int, micro_batch: int, steps: int) -> dict:
     from pipeline.config import load_config
-    from pipeline.train import pretrain
+    from pipeline.layout import RunLayout
+    from pipeline.train.driver import pretrain
 
     config = load_config(
         overrides=[
@@ -77,7 +78,8 @@ def raygpt_run(run_dir: Path, workers: int, preset: str, context: int, micro_bat
         ]
     )
     pretrain(config, fresh=True)
-    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    metrics = Path(RunLayout.of(config).metrics_file("pretrain"))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     timed = rows[WARMUP_STEPS:-1]  # the last step also evaluates
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
@@ -86,7 +88,7 @@ def raygpt_run(run_dir: Path, workers: int, preset: str, context: int, micro_bat
 
 
 def matmul_peak() -> float:
-    from pipeline.train_metrics import measure_peak_flops
+    from pipeline.train.metrics import measure_peak_flops
 
     torch.set_num_threads(1)
     return max(measure_peak_flops(torch.device("cpu")) for _ in range(3))
@@ -114,8 +116,8 @@ def main() -> None:
     plain = plain_pytorch(args.preset, args.context, args.micro_batch, args.steps, 2e-3)
     one = raygpt_run(root, 1, args.preset, args.context, args.micro_batch, args.steps)
     two = raygpt_run(root, 2, args.preset, args.context, args.micro_batch, args.steps)
-    from pipeline.model import flops_per_token
-    from pipeline.presets import PRESETS
+    from pipeline.model.gpt import flops_per_token
+    from pipeline.model.presets import PRESETS
 
     fpt = flops_per_token(PRESETS[args.preset].model, args.context)
     rows = [

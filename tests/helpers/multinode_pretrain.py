@@ -18,7 +18,6 @@ from pipeline.train.driver import pretrain
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def main(root: Path) -> None:
     corpus = root / "corpus"
     corpus.mkdir(parents=True)
