@@ -2,25 +2,47 @@
 
 Every stage reads and writes artifacts through these functions: filesystems come from
 :func:`pyarrow.fs.FileSystem.from_uri`, so a bucket is not a special case. A *URI* is anything with ``scheme://``; a
-*remote* location is a URI that is not ``file://``. Directories are written to a staging directory and made visible
-at once (:class:`Staged`): a reader finds either the previous version or the complete new one. Versioned formats
-(a dataset manifest, an export's ``config.json``) are checked by :func:`format_problem`.
+*remote* location is a URI that is not ``file://``. Versioned formats (a dataset manifest, an export's
+``config.json``) are checked by :func:`format_problem`.
+
+Publishing a directory (:class:`Staged`) never shows a reader a partial version and never loses the previous one:
+
+* on a local filesystem the new version is written beside the target and renamed into place;
+* on an object store (no atomic rename) it is uploaded under ``<location>/_versions/<version>/`` and becomes
+  visible when the small pointer object ``<location>/_PUBLISHED`` naming it is written, last. A reader resolves the
+  pointer first (:func:`resolve`), so until then it keeps reading the previous version; versions other than the
+  new and the previous one (and uploads that never completed) are deleted afterwards.
+
+Single files (state, metrics, summaries) are written whole (:func:`write_bytes`): a temp file renamed into place
+locally, one PUT on an object store. Remote directories that must be local are copied to temporary directories
+that are removed after use (:func:`local_copy`); export weights go to a cache keyed by their sha256 and bounded in
+size (:func:`cached_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pyarrow.fs as pafs
+
+POINTER = "_PUBLISHED"  # in a published remote directory: names the visible version
+VERSIONS = "_versions"  # in a published remote directory: one prefix per version
+CACHE_DIR_ENV = "RAYGPT_CACHE_DIR"
+CACHE_BYTES_ENV = "RAYGPT_CACHE_MAX_BYTES"
+DEFAULT_CACHE_BYTES = 20 << 30
 
 
 class StorageError(OSError):
@@ -54,7 +76,7 @@ def absolute(location: str | Path) -> str:
 
 def join(location: str | Path, *parts: str) -> str:
     text = str(location).rstrip("/")
-    return "/".join([text, *parts]) if is_remote(text) else str(Path(text, *parts))
+    return "/".join([text, *parts]) if is_uri(text) else str(Path(text, *parts))
 
 
 def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -113,15 +135,114 @@ def format_problem(document: Any, expected_format: str, expected_version: int) -
     return None
 
 
-def download_dir(location: str | Path, cache_root: str | Path | None = None) -> Path:
-    """A local copy of a directory: the directory itself when local, else a fresh download of the URI."""
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write one whole file: readers see the old content or the new, never a part."""
     if not is_remote(location):
-        return local_path(location)
-    root = Path(cache_root or tempfile.gettempdir()) / "raygpt-downloads"
+        path = local_path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as stream:  # an object store makes a PUT visible whole
+        stream.write(data)
+
+
+def remove_tree(location: str | Path) -> None:
+    """Delete a directory (or prefix) and everything under it; nothing there is fine."""
+    if not is_remote(location):
+        shutil.rmtree(local_path(location), ignore_errors=True)
+        return
+    fs, path = filesystem(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
+
+
+def uri_in(like: str | Path, path: str) -> str:
+    """The location of ``path`` (a path inside the filesystem of ``like``, as pyarrow and Ray report it, e.g.
+    ``bucket/key`` for S3) written so that this module opens it."""
+    text = str(like)
+    if not is_remote(text):
+        return path
+    return f"{text.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
+def resolve(location: str | Path) -> str:
+    """Where the visible version of a published directory is: ``location`` itself locally (or for a remote
+    directory that was never published with a pointer), else the version its pointer names."""
+    text = str(location)
+    if not is_remote(text):
+        return text
+    fs, path = filesystem(text)
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{POINTER}") as stream:
+            version = json.loads(stream.read())["version"]
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return text
+    return join(text, VERSIONS, version)
+
+
+@contextlib.contextmanager
+def local_copy(location: str | Path) -> Iterator[Path]:
+    """A local directory with the content of ``location``: the directory itself when local, else a temporary
+    download that is removed when the block ends."""
+    if not is_remote(location):
+        yield local_path(location)
+        return
+    target = Path(tempfile.mkdtemp(prefix="raygpt-copy-"))
+    try:
+        fs, path = filesystem(location)
+        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "raygpt")
+
+
+def cached_file(location: str | Path, sha256: str) -> Path:
+    """A local copy of one remote file whose content has the given sha256, from the cache when present.
+
+    Entries are named by content, so a republished export with new weights never meets stale ones, and a
+    download is verified before it enters the cache. The cache is bounded: least recently used entries go once
+    it holds more than ``$RAYGPT_CACHE_MAX_BYTES`` (default 20 GiB).
+    """
+    root = cache_root() / "sha256"
+    entry = root / sha256
+    if entry.is_file():
+        os.utime(entry)  # recently used
+        return entry
     root.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(dir=root))
-    pafs.copy_files(str(location), str(target))
-    return target
+    partial = root / f".{sha256}.part-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        fs, path = filesystem(location)
+        pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if file_sha256(partial) != sha256:
+            raise StorageError(f"{str(location)!r} does not match its sha256 {sha256}")
+        partial.replace(entry)
+    finally:
+        partial.unlink(missing_ok=True)
+    _trim_cache(root, keep=entry)
+    return entry
+
+
+def _trim_cache(root: Path, keep: Path) -> None:
+    limit = int(os.environ.get(CACHE_BYTES_ENV) or DEFAULT_CACHE_BYTES)
+    entries = sorted((p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")), key=_mtime)
+    total = sum(p.stat().st_size for p in entries)
+    for entry in entries:
+        if total <= limit:
+            break
+        if entry != keep:
+            total -= entry.stat().st_size
+            entry.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
 
 
 class Staged:
@@ -160,15 +281,7 @@ class Staged:
 
 def _publish_dir(local_dir: Path, location: str | Path, last: str | None) -> str:
     if is_remote(location):
-        fs, path = filesystem(location)
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p.name == last)
-        local_fs = pafs.LocalFileSystem()
-        for file in files:
-            destination = f"{path}/{file.relative_to(local_dir).as_posix()}"
-            fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
-            pafs.copy_files(str(file), destination, source_filesystem=local_fs, destination_filesystem=fs)
+        _publish_remote(local_dir, str(location), last)
         shutil.rmtree(local_dir, ignore_errors=True)
         return str(location)
     target = local_path(location)
@@ -179,6 +292,47 @@ def _publish_dir(local_dir: Path, location: str | Path, last: str | None) -> str
     local_dir.rename(target)
     shutil.rmtree(trash, ignore_errors=True)
     return str(target)
+
+
+def _publish_remote(local_dir: Path, location: str, last: str | None) -> None:
+    """Upload as a new version, point readers at it, then delete every version but it and the previous one."""
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    previous = resolve(location)
+    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    prefix = f"{root}/{VERSIONS}/{version}"
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)
+    local_fs = pafs.LocalFileSystem()
+    try:
+        for file in files:
+            pafs.copy_files(
+                str(file),
+                f"{prefix}/{file.relative_to(local_dir).as_posix()}",
+                source_filesystem=local_fs,
+                destination_filesystem=fs,
+            )
+        pointer = json.dumps({"version": version, "files": len(files)}).encode()
+        with fs.open_output_stream(f"{root}/{POINTER}") as stream:
+            stream.write(pointer)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_dir(prefix)
+        raise
+    keep = {version, previous.rstrip("/").rsplit("/", 1)[-1]}
+    for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = entry.base_name
+        if name in (POINTER, VERSIONS):
+            continue
+        with contextlib.suppress(OSError):  # content of an unversioned publish: superseded by the pointer
+            if entry.type == pafs.FileType.Directory:
+                fs.delete_dir(entry.path)
+            else:
+                fs.delete_file(entry.path)
+    for entry in fs.get_file_info(pafs.FileSelector(f"{root}/{VERSIONS}", allow_not_found=True)):
+        if entry.base_name not in keep:
+            with contextlib.suppress(OSError):
+                fs.delete_dir(entry.path)
 
 
 def staging_dir_for(location: str | Path) -> Path:
@@ -216,11 +370,3 @@ def _remove_abandoned(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except OSError:  # alive, another user's
             pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a local file so that a reader sees the old content or the new, never a part (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
