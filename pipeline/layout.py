@@ -100,9 +100,14 @@ class RunLayout:
         location, so that loading it fails with an error naming where an export was expected."""
         for name in EXPORTS_NEWEST_FIRST:
             location = self.export(name)
-            if storage.exists(storage.join(location, EXPORT_CONFIG)):
+            if is_complete_export(location):
                 return location
         return self.export(EXPORTS_NEWEST_FIRST[-1])
+
+
+def is_complete_export(location: str) -> bool:
+    """Whether ``location`` holds a published export (its visible version has the config, written last)."""
+    return storage.exists(storage.join(storage.resolve(location), EXPORT_CONFIG))
 
 
 def resolve_export(config: PipelineConfig, export: str | None = None) -> str:

@@ -12,7 +12,6 @@ import json
 import os
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -56,9 +55,10 @@ def run_pipeline(
     started_all = time.perf_counter()
 
     started = time.perf_counter()
-    data = tokenize_corpus(config)
+    # the run owns its datasets: changed inputs or settings rebuild them (raygpt tokenize would ask for --overwrite)
+    data = tokenize_corpus(config, replace_changed=True)
     print(f"raygpt tokenize: {data.summary()}")
-    finetune_data = tokenize_finetune(config)
+    finetune_data = tokenize_finetune(config, replace_changed=True)
     print(f"raygpt tokenize-finetune: {finetune_data.summary()}")
     _timed(timings, "tokenize", started)
 
@@ -134,11 +134,9 @@ def _split_tokens(manifest: Any) -> dict[str, int]:
 
 
 def _write_summary(config: PipelineConfig, summary: dict[str, Any]) -> None:
-    if storage.is_remote(config.run.dir):
-        return
-    path = Path(RunLayout.of(config).summary_file)
-    storage.write_text_atomic(path, json.dumps(summary, indent=2, default=str) + "\n")
-    summary["summary_file"] = str(path)
+    location = RunLayout.of(config).summary_file
+    storage.write_bytes(location, (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    summary["summary_file"] = location
 
 
 def _pct(value: float | None) -> str:
@@ -173,7 +171,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ]
     lines += [
         f"  time       {', '.join(f'{k} {v:.0f}s' for k, v in summary['seconds'].items())}",
-        f"  summary    {summary.get('summary_file', '(remote run dir)')}",
+        f"  summary    {summary['summary_file']}",
         "=" * 72,
     ]
     print("\n".join(lines))

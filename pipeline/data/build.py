@@ -97,8 +97,14 @@ def _num_tokenizers(config: PipelineConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def tokenize_corpus(config: PipelineConfig, overwrite: bool = False, log: Callable[[str], None] = print) -> BuildResult:
-    """Build (or confirm) ``<run.dir>/data`` from ``data.inputs``. Raises DataError for bad input."""
+def tokenize_corpus(
+    config: PipelineConfig,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    replace_changed: bool = False,
+) -> BuildResult:
+    """Build (or confirm) ``<run.dir>/data`` from ``data.inputs``. Raises DataError for bad input, and for a
+    different dataset already there unless ``overwrite`` or ``replace_changed`` (see ``check_target``)."""
     started = time.perf_counter()
     data = config.data
     tokenizer = get_tokenizer(data.tokenizer, data.tokenizer_file)
@@ -107,7 +113,7 @@ def tokenize_corpus(config: PipelineConfig, overwrite: bool = False, log: Callab
     identity = _identity(config, tokenizer.info(), inputs)
     key = fingerprint(identity)
     location = RunLayout.of(config).data
-    if check_target(location, identity, key, overwrite):
+    if check_target(location, identity, key, overwrite, replace_changed):
         return BuildResult(location, {}, True, time.perf_counter() - started)
     if ignored:
         log(f"ignoring {len(ignored)} files that are not .txt/.jsonl/.parquet (e.g. {ignored[0]})")

@@ -91,7 +91,10 @@ def encode_example(
 
 
 def tokenize_finetune(
-    config: PipelineConfig, overwrite: bool = False, log: Callable[[str], None] = print
+    config: PipelineConfig,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    replace_changed: bool = False,
 ) -> FinetuneResult:
     """Build (or confirm) ``<run.dir>/finetune_data`` from ``finetune.inputs`` and ``finetune.eval_inputs``."""
     started = time.perf_counter()
@@ -121,7 +124,7 @@ def tokenize_finetune(
     }
     key = fingerprint(identity)
     location = RunLayout.of(config).finetune_data
-    if check_target(location, identity, key, overwrite):
+    if check_target(location, identity, key, overwrite, replace_changed):
         return FinetuneResult(location, {}, True, time.perf_counter() - started)
     with storage.Staged(location, last=MANIFEST) as staging:
         manifest = _build(config, tokenizer, sources, identity, key, staging)

@@ -174,13 +174,17 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(changed[:6]) or "a different build"
 
 
-def check_target(location: str, identity: dict[str, Any], new_fingerprint: str, overwrite: bool) -> bool:
+def check_target(
+    location: str, identity: dict[str, Any], new_fingerprint: str, overwrite: bool, replace_changed: bool = False
+) -> bool:
     """True when ``location`` already holds exactly this dataset (nothing to do).
 
-    Refuses (DataError) to replace anything else unless ``overwrite``.
+    Refuses (DataError) to replace anything else unless ``overwrite`` (rebuild whatever is there) or, for another
+    build of a raygpt dataset, ``replace_changed`` (what ``raygpt run`` does with its own run directory).
     """
+    visible = storage.resolve(location)
     try:
-        existing = read_json(location)
+        existing = read_json(visible)
     except DataError:
         if overwrite:
             return False
@@ -188,9 +192,9 @@ def check_target(location: str, identity: dict[str, Any], new_fingerprint: str, 
             f"{location} holds an unreadable dataset manifest; pass --overwrite to replace the dataset"
         ) from None
     if existing is not None:
-        if existing.get("fingerprint") == new_fingerprint and not missing_shards(location, existing):
+        if existing.get("fingerprint") == new_fingerprint and not missing_shards(visible, existing):
             return not overwrite
-        if overwrite:
+        if overwrite or replace_changed:
             return False
         raise DataError(
             f"{location} already holds a different dataset ({_differences(existing, identity)}); "

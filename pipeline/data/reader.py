@@ -44,17 +44,18 @@ def load_manifest(location: str, kind: str | None = None) -> Manifest:
 
     Raises DataError when there is no manifest, it is corrupt or of another kind, or a shard file is missing.
     """
-    location = str(location)
+    given = str(location)
+    location = storage.resolve(given)
     data = read_json(location)
     if data is None:
-        sub = RunLayout(location).dataset("finetune" if kind == "finetune" else "pretrain")
-        data = read_json(sub)
+        sub = RunLayout(given).dataset("finetune" if kind == "finetune" else "pretrain")
+        location = storage.resolve(sub)
+        data = read_json(location)
         if data is None:
             raise DataError(
-                f"no dataset manifest at {storage.join(location, MANIFEST)} or {storage.join(sub, MANIFEST)}; "
+                f"no dataset manifest at {storage.join(given, MANIFEST)} or {storage.join(sub, MANIFEST)}; "
                 f"run `raygpt {'tokenize-finetune' if kind == 'finetune' else 'tokenize'}` first"
             )
-        location = sub
     if kind is not None and data.get("kind") != kind:
         raise DataError(f"{storage.join(location, MANIFEST)} describes a {data.get('kind')} dataset, not {kind}")
     missing = missing_shards(location, data)

@@ -79,16 +79,17 @@ def save_export(
     return publish.published
 
 
-def read_export_info(location: str | Path) -> tuple[ExportInfo, Path]:
-    """Parse and check ``config.json`` of an export; returns the info and the local directory."""
+def read_export_info(location: str | Path) -> tuple[ExportInfo, str]:
+    """Parse and check ``config.json`` of an export (read alone, nothing else is fetched); returns the info and
+    where the visible version's files are (see :func:`pipeline.storage.resolve`)."""
     if not storage.exists(location):
         raise ExportError(f"export {str(location)!r} does not exist")
-    directory = storage.download_dir(location)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+    directory = storage.resolve(location)
+    config_path = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(config_path):
         raise ExportError(f"{str(location)!r} is not a raygpt export: {CONFIG_FILE} is missing")
     try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
+        document = json.loads(storage.read_bytes(config_path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportError(f"{CONFIG_FILE} of export {str(location)!r} is not valid JSON: {exc}") from exc
     problem = storage.format_problem(document, EXPORT_FORMAT, FORMAT_VERSION)
@@ -109,16 +110,31 @@ def read_export_info(location: str | Path) -> tuple[ExportInfo, Path]:
     return info, directory
 
 
+def _local_weights(location: str | Path, weights_location: str, sha256: str) -> Path:
+    """The weights file on local disk, checked against the sha256 in config.json (remote weights come through
+    the content-addressed cache, which verifies them as they are downloaded)."""
+    if not storage.exists(weights_location):
+        raise ExportError(f"export {str(location)!r} is incomplete: {WEIGHTS_FILE} is missing")
+    mismatch = ExportError(f"{WEIGHTS_FILE} of export {str(location)!r} does not match the sha256 in {CONFIG_FILE}")
+    if storage.is_remote(weights_location):
+        if not sha256:
+            raise ExportError(f"{CONFIG_FILE} of export {str(location)!r} records no sha256 for {WEIGHTS_FILE}")
+        try:
+            return storage.cached_file(weights_location, sha256)
+        except storage.StorageError as exc:
+            raise ExportError(f"cannot fetch {WEIGHTS_FILE} of export {str(location)!r}: {exc}") from None
+    weights = storage.local_path(weights_location)
+    if sha256 and storage.file_sha256(weights) != sha256:
+        raise mismatch
+    return weights
+
+
 def load_export(
     location: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, ExportInfo]:
     """Load an export into a ready ``GPT`` (eval mode) after verifying the weights' hash and names."""
     info, directory = read_export_info(location)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ExportError(f"export {str(location)!r} is incomplete: {WEIGHTS_FILE} is missing")
-    if info.weights_sha256 and storage.file_sha256(weights) != info.weights_sha256:
-        raise ExportError(f"{WEIGHTS_FILE} of export {str(location)!r} does not match the sha256 in {CONFIG_FILE}")
+    weights = _local_weights(location, storage.join(directory, WEIGHTS_FILE), info.weights_sha256)
     try:
         tensors = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:

@@ -103,13 +103,10 @@ def latest_checkpoint(layout: RunLayout, stage: Stage) -> tuple[str, int] | None
 def check_resumable(layout: RunLayout, plan: TrainPlan, fresh: bool) -> None:
     """Resuming needs checkpoints of the same model, data and world size; otherwise refuse (or start over with
     ``fresh``). An experiment folder without any checkpoint holds nothing worth keeping."""
-    import shutil
-
     experiment = layout.experiment(plan.stage)
     found = None if fresh else latest_checkpoint(layout, plan.stage)
     if found is None:
-        if not storage.is_remote(experiment):
-            shutil.rmtree(experiment, ignore_errors=True)
+        storage.remove_tree(experiment)
         return
     previous = read_state(found[0]).get("fingerprint")
     if previous != plan.fingerprint():
@@ -122,12 +119,10 @@ def check_resumable(layout: RunLayout, plan: TrainPlan, fresh: bool) -> None:
 
 def read_stage_state(layout: RunLayout, stage: Stage) -> dict[str, Any] | None:
     path = layout.state_file(stage)
-    if storage.is_remote(path) or not Path(path).is_file():
+    if not storage.exists(path):
         return None
-    return json.loads(Path(path).read_text())
+    return json.loads(storage.read_bytes(path))
 
 
 def write_stage_state(layout: RunLayout, stage: Stage, state: dict[str, Any]) -> None:
-    if storage.is_remote(layout.root):
-        return
-    storage.write_text_atomic(Path(layout.state_file(stage)), json.dumps(state, indent=2))
+    storage.write_bytes(layout.state_file(stage), json.dumps(state, indent=2).encode())

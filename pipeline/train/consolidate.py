@@ -1,7 +1,8 @@
 """ZeRO-3 checkpoint -> export: gather every rank's shards into one fp32 state dict and save it as an export.
 
 It runs as a Ray task, so DeepSpeed stays off the driver and the task reads the checkpoint wherever the cluster
-stores it. Checkpoints are read weights-only (:func:`pipeline.train.deepspeed.weights_only_loads`).
+stores it (a remote checkpoint is copied to a temporary directory, removed once read). Checkpoints are read
+weights-only (:func:`pipeline.train.deepspeed.weights_only_loads`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def consolidate(checkpoint_dir: str, plan: TrainPlan, target: str, metadata: dic
         from pipeline.train.deepspeed import weights_only_loads
 
         weights_only_loads()
-        local = storage.download_dir(checkpoint_dir)
-        state = checkpoint.read_state(local)
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=state["tag"])
+        state = checkpoint.read_state(checkpoint_dir)
+        with storage.local_copy(checkpoint_dir) as local:
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=state["tag"])
         return save_export(weights, GPTConfig.from_dict(plan.model), target, plan.tokenizer, metadata=metadata)
 
     return ray.get(_consolidate.remote())

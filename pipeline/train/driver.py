@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
-from pipeline.layout import EXPORT_CONFIG, RunLayout, Stage
+from pipeline.layout import RunLayout, Stage, is_complete_export
 from pipeline.train import checkpoint
 from pipeline.train.consolidate import consolidate
 from pipeline.train.plan import TrainError, TrainPlan, load_dataset_manifest, make_plan
@@ -78,7 +77,7 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
         and state is not None
         and state.get("status") == "complete"
         and state.get("plan") == plan.to_json()
-        and storage.exists(storage.join(target, EXPORT_CONFIG))
+        and is_complete_export(target)
     )
     if up_to_date:
         print(f"raygpt {stage}: up to date ({plan.max_steps} steps, export at {target}); skipping")
@@ -94,7 +93,7 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
     result = run_trainer(config, plan)
     step = int(result.metrics.get("step", 0))
     if step < plan.max_steps:  # train.stop_after_steps ended this invocation early
-        summary = {"stage": stage, "status": "paused", "steps": step, "checkpoint": result.checkpoint.path}
+        summary = {"stage": stage, "status": "paused", "steps": step, "checkpoint": checkpoint_location(layout, result)}
         checkpoint.write_stage_state(layout, stage, {**_complete_state(plan, summary), "status": "paused"})
         print(f"raygpt {stage}: stopped at step {step} of {plan.max_steps} (checkpointed); run again to resume")
         return plan, summary, None
@@ -106,15 +105,15 @@ def _finish(
 ) -> dict[str, Any]:
     stage = plan.stage
     layout = RunLayout.of(config)
-    rows = checkpoint.read_metrics(result.checkpoint.path)
-    if not storage.is_remote(config.run.dir):
-        from pipeline.train.metrics import plot_loss_curve
+    location = checkpoint_location(layout, result)
+    rows = checkpoint.read_metrics(location)
+    from pipeline.train.metrics import plot_loss_curve
 
-        metrics, plot = Path(layout.metrics_file(stage)), Path(layout.loss_curve(stage))
-        storage.write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in rows))
-        plot_loss_curve(rows, plot, f"raygpt {stage}", yardstick)
-        summary["loss_curve"] = str(plot)
-        summary["metrics"] = str(metrics)
+    metrics, plot = layout.metrics_file(stage), layout.loss_curve(stage)
+    storage.write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    storage.write_bytes(plot, plot_loss_curve(rows, f"raygpt {stage}", yardstick))
+    summary["loss_curve"] = plot
+    summary["metrics"] = metrics
     val = [r for r in rows if r.get("val_loss") is not None]
     summary.update(
         steps=rows[-1]["step"] if rows else 0,
@@ -122,12 +121,18 @@ def _finish(
         final_loss=rows[-1]["loss"] if rows else None,
         val_loss=val[-1]["val_loss"] if val else None,
         val_ppl=val[-1]["val_ppl"] if val else None,
-        checkpoint=result.checkpoint.path,
+        checkpoint=location,
         shard_numel=result.metrics.get("shard_numel"),
         total_numel=result.metrics.get("total_numel"),
         node_ids=result.metrics.get("node_ids"),
     )
     return summary
+
+
+def checkpoint_location(layout: RunLayout, result: Any) -> str:
+    """The URI (or local path) of the checkpoint Ray Train reported (Ray gives its path inside the storage
+    filesystem, e.g. ``bucket/key`` without the scheme)."""
+    return storage.uri_in(layout.storage_path, result.checkpoint.path)
 
 
 def pretrain(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
@@ -150,7 +155,7 @@ def pretrain(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"stage": "pretrain", "unigram_ce": unigram, "unigram_val_ce": unigram_val}
     summary = _finish(config, plan, result, summary, unigram_val or unigram)
     summary["export"] = consolidate(
-        result.checkpoint.path,
+        summary["checkpoint"],
         plan,
         target,
         {"stage": "pretrain", "steps": summary["steps"], "val_loss": summary["val_loss"]},
@@ -182,7 +187,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
     summary = _finish(config, plan, result, summary, None)
     target = RunLayout.of(config).stage_export("finetune")
     summary["export"] = consolidate(
-        result.checkpoint.path, plan, target, {"stage": "finetune", "steps": summary["steps"], "from": plan.init_export}
+        summary["checkpoint"], plan, target, {"stage": "finetune", "steps": summary["steps"], "from": plan.init_export}
     )
     summary["exact_match_after"] = exact_match(target, examples)
     checkpoint.write_stage_state(RunLayout.of(config), "finetune", _complete_state(plan, summary))

@@ -68,7 +68,10 @@ def unigram_cross_entropy(token_counts: np.ndarray) -> float:
     return float(-(probs * np.log(probs)).sum())
 
 
-def plot_loss_curve(rows: list[dict[str, Any]], path: Path, title: str, yardstick: float | None = None) -> None:
+def plot_loss_curve(rows: list[dict[str, Any]], title: str, yardstick: float | None = None) -> bytes:
+    """A PNG of train (and validation) loss per step, with the unigram yardstick as a line."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,9 +90,10 @@ def plot_loss_curve(rows: list[dict[str, Any]], path: Path, title: str, yardstic
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def token_counts(store: Any, tokenizer: dict[str, Any], chunk: int = 4096) -> np.ndarray:

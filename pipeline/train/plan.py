@@ -109,7 +109,7 @@ def load_dataset_manifest(config: PipelineConfig, stage: Stage) -> Any:
 
     location = RunLayout.of(config).dataset(stage)
     command = "raygpt tokenize" if stage == "pretrain" else "raygpt tokenize-finetune"
-    if not storage.exists(storage.join(location, MANIFEST)):
+    if not storage.exists(storage.join(storage.resolve(location), MANIFEST)):
         raise TrainError(f"no dataset at {location}: run `{command}` first (with the same --config/--set)")
     try:
         return load_manifest(location)
