@@ -1,9 +1,14 @@
 """Shared fixtures: one local Ray instance for every test that needs Ray (starting Ray costs seconds), one Serve
-HTTP proxy on a free loopback port, and nano exports for the Serve tests."""
+HTTP proxy on a free loopback port, nano exports for the Serve tests, and an S3-protocol server on loopback."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +25,19 @@ NANO = PRESETS["nano"].model  # context 64
 # Keep test runs quiet and offline-friendly.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+# Object storage for the whole session is the S3-protocol server of the ``s3`` fixture, reached the standard way
+# (AWS_ENDPOINT_URL and credentials, honoured by pyarrow, Ray and boto3). Set before any Ray starts, so that its
+# workers inherit it; never a real AWS account. The export cache lives in the session's temp dir.
+S3_PORT = free_ports(1)[0]
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+    RAYGPT_CACHE_DIR=tempfile.mkdtemp(prefix="raygpt-test-cache-"),
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +79,31 @@ def long_export(tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg = GPTConfig(vocab_size=NANO.vocab_size, context_length=2048, n_layer=1, n_head=1, d_model=16)
     torch.manual_seed(0)
     return save_export(GPT(cfg), cfg, tmp_path_factory.mktemp("long") / "export", get_tokenizer().info())
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """A moto S3 server on loopback (its own process) with one empty bucket; yields ``s3://<bucket>``."""
+    import pyarrow.fs as pafs
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the S3 test server did not start") from None
+                time.sleep(0.2)
+        fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+        fs.create_dir("raygpt-test")
+        yield "s3://raygpt-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -253,6 +254,46 @@ class LocalHead:
         env.update(self.extra_env)
         return subprocess.run(
             [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def add_node(self, num_cpus: int, hidden: list[Path]) -> subprocess.Popen[bytes]:
+        """Start a worker node (``ray start --address``) that cannot see the folders ``hidden``: it runs in its own
+        mount namespace, where an empty tmpfs is mounted over each of them (the rest of the filesystem, this
+        checkout and its venv included, stays shared, like software installed on every node)."""
+        ports = free_ports(6)
+        min_worker, max_worker = free_port_range(200, set(self.ports) | set(ports))
+        command = [
+            sys.executable,
+            str(REPO / "tests" / "helpers" / "ray_node.py"),
+            "start",
+            f"--address={self.gcs_address}",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}",
+            f"--metrics-export-port={ports[5]}",
+            f"--min-worker-port={min_worker}",
+            f"--max-worker-port={max_worker}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            "--disable-usage-stats",
+        ]
+        mounts = " && ".join(f"mount -t tmpfs raygpt-hidden {shlex.quote(str(path))}" for path in hidden)
+        script = f"{mounts} && exec {shlex.join(command)}"
+        env = self.env()
+        env["RAY_ADDRESS"] = self.gcs_address
+        log = (self.root / f"node-{ports[0]}.log").open("wb")
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            env=env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def stop(self) -> list[int]:

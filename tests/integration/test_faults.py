@@ -22,39 +22,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from helpers.ray_state import live_actors, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "data" / "sample" / "shakespeare"
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _actors(class_name: str | None = None, state: str | None = "ALIVE") -> list[dict[str, Any]]:
-    """Actors of the session's Ray from the GCS actor table (ActorID, ActorClassName, JobID, State, Pid, ...).
-    ``ray.util.state`` would need the dashboard, which the session's Ray runs without."""
-    import ray._private.state
-
-    return [
-        actor
-        for actor in ray._private.state.actors().values()
-        if (class_name is None or actor["ActorClassName"] == class_name) and (state is None or actor["State"] == state)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------- tokenize
@@ -104,7 +82,7 @@ def test_killed_tokenize_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_
 
     address = ray.get_runtime_context().gcs_address
     own_job = ray.get_runtime_context().get_job_id()
-    before = {a["ActorID"] for a in _actors()}
+    before = {a["ActorID"] for a in live_actors()}
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     # joins the session's Ray; one tokenizer actor works through the 5 file groups in turn, so the first group's
@@ -121,7 +99,7 @@ def test_killed_tokenize_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_
     )
     try:
         # kill once the staging directory holds a few shards: mid-way through writing the dataset
-        _wait(
+        wait_until(
             lambda: len(list(run.glob(".data.tmp-*/**/*.parquet"))) >= 3 or proc.poll() is not None,
             120,
             "the first shards",
@@ -137,9 +115,9 @@ def test_killed_tokenize_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_
 
     # the killed driver's job ends, and with it its tokenizer actors and tasks
     def leaked() -> list[dict[str, Any]]:
-        return [a for a in _actors() if a["ActorID"] not in before and a["JobID"] != own_job]
+        return [a for a in live_actors() if a["ActorID"] not in before and a["JobID"] != own_job]
 
-    _wait(lambda: not leaked(), 30, "the killed tokenize driver's actors to exit")
+    wait_until(lambda: not leaked(), 30, "the killed tokenize driver's actors to exit")
 
     killed_s = time.monotonic() - started
     rerun_s = build(run)
@@ -217,7 +195,7 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
     )
     tokenize_corpus(config, log=lambda _: None)
 
-    before = {a["ActorID"] for a in _actors("RayTrainWorker", state=None)}
+    before = {a["ActorID"] for a in live_actors("RayTrainWorker", state=None)}
     outcome: dict[str, Any] = {}
 
     def train() -> None:
@@ -228,8 +206,8 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
 
     thread = threading.Thread(target=train, name="pretrain", daemon=True)
     thread.start()
-    workers = _wait(
-        lambda: len(found := [a for a in _actors("RayTrainWorker") if a["ActorID"] not in before]) == 2 and found,
+    workers = wait_until(
+        lambda: len(found := [a for a in live_actors("RayTrainWorker") if a["ActorID"] not in before]) == 2 and found,
         180,
         "2 training workers",
     )
@@ -242,7 +220,7 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
         ready = 0 < registered < TRAIN_STEPS and rows and rows[-1]["step"] > registered
         return rows if ready else not thread.is_alive()
 
-    seen = _wait(registered_and_past, 180, "a registered checkpoint and a step past it", poll=0.02)
+    seen = wait_until(registered_and_past, 180, "a registered checkpoint and a step past it", poll=0.02)
     assert thread.is_alive() and isinstance(seen, list), f"the run ended before the kill: {outcome}"
     victim = workers[-1]
     registered = _registered_checkpoint_step(experiment)
@@ -256,7 +234,7 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
     assert summary["steps"] == TRAIN_STEPS
 
     # Ray Train noticed the death and started a new worker group (2 new workers) from the checkpoint
-    table = {a["ActorID"]: a for a in _actors("RayTrainWorker", state=None) if a["ActorID"] not in before}
+    table = {a["ActorID"]: a for a in live_actors("RayTrainWorker", state=None) if a["ActorID"] not in before}
     assert table[victim["ActorID"]]["State"] == "DEAD"
     assert len(table) == 4, f"expected the 2 workers and a restarted group of 2, got {len(table)} workers"
     assert {a["Pid"] for a in table.values()} > {a["Pid"] for a in workers}
@@ -329,7 +307,7 @@ def test_killed_serve_replica_is_replaced_and_only_in_flight_requests_fail(
 
     settings = {"num_replicas": 2, "num_cpus_per_replica": 0.5, "max_ongoing_requests": MAX_ONGOING}
     with deployed(tmp_path, serve_port, exports["a"], max_batch_size=MAX_ONGOING, **settings) as url:
-        replicas = _wait(lambda: len(found := _actors(GENERATOR)) == 2 and found, 60, "2 Generator replicas")
+        replicas = wait_until(lambda: len(found := live_actors(GENERATOR)) == 2 and found, 60, "2 Generator replicas")
         records: list[tuple[float, float, bool, str, str, str | None]] = []
         stop = threading.Event()
 
@@ -351,25 +329,25 @@ def test_killed_serve_replica_is_replaced_and_only_in_flight_requests_fail(
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
         for thread in threads:
             thread.start()
-        _wait(lambda: sum(r[3] == "ok" for r in records) >= 8, 60, "steady load")
+        wait_until(lambda: sum(r[3] == "ok" for r in records) >= 8, 60, "steady load")
         victim = replicas[0]
         victim_id = victim["Name"].rsplit("#", 1)[-1]
         killed_at = time.time()
         os.kill(int(victim["Pid"]), signal.SIGKILL)
 
         def replaced() -> bool:
-            alive = _actors(GENERATOR)
+            alive = live_actors(GENERATOR)
             if len(alive) != 2 or victim["ActorID"] in {a["ActorID"] for a in alive}:
                 return False
             status = serve.status().applications[APP_NAME]
             return status.status == "RUNNING" and status.deployments["Generator"].status == "HEALTHY"
 
-        _wait(replaced, 120, "Serve to replace the killed replica", poll=0.25)
+        wait_until(replaced, 120, "Serve to replace the killed replica", poll=0.25)
         recovered_at = time.time()
-        new = [a for a in _actors(GENERATOR) if a["ActorID"] not in {r["ActorID"] for r in replicas}]
+        new = [a for a in live_actors(GENERATOR) if a["ActorID"] not in {r["ActorID"] for r in replicas}]
         assert len(new) == 1 and new[0]["Pid"] != victim["Pid"]
         new_id = new[0]["Name"].rsplit("#", 1)[-1]
-        _wait(lambda: any(r[0] > recovered_at and r[5] == new_id for r in records), 60, "the new replica to serve")
+        wait_until(lambda: any(r[0] > recovered_at and r[5] == new_id for r in records), 60, "the new replica to serve")
         stop.set()
         for thread in threads:
             thread.join(timeout=90)
