@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.presets import PRESETS, get_preset
+
+API_KEY_ENV = "RAYGPT_API_KEY"
 
 
 class ConfigError(ValueError):
@@ -181,11 +184,24 @@ class ServeSection(Section):
     max_request_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body accepted; larger ones are answered 413."
     )
-    api_key: SecretStr | None = Field(None, description="Require 'Authorization: Bearer <key>' (also RAYGPT_API_KEY).")
+    api_key: SecretStr | None = Field(
+        None, description="Require 'Authorization: Bearer <key>' (else $RAYGPT_API_KEY; empty means no key)."
+    )
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
     )
     num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica; > 0 runs it on CUDA in bf16.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is not None and not value.get_secret_value() else value
+
+    def resolved_api_key(self) -> str | None:
+        """The key the endpoint requires: ``serve.api_key``, else ``$RAYGPT_API_KEY``; None when neither is set."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(API_KEY_ENV) or None
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeSection:

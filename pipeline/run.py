@@ -9,7 +9,6 @@ printed and written to ``<run.dir>/summary.json``.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from typing import Any
@@ -31,9 +30,7 @@ def sample_request(url: str, config: PipelineConfig, prompt: str, max_tokens: in
         {"model": config.serve.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     ).encode()
     headers = {"Content-Type": "application/json"}
-    from pipeline.serve.deploy import API_KEY_ENV
-
-    key = config.serve.api_key.get_secret_value() if config.serve.api_key else os.environ.get(API_KEY_ENV)
+    key = config.serve.resolved_api_key()
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers, method="POST")

@@ -152,3 +152,15 @@ def test_readme_config_reference_is_generated_from_the_models() -> None:
         "serve.port",
     ]:
         assert f"`{key}`" in shown
+
+
+def test_an_empty_api_key_is_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve.api_key: ""` used to switch authentication off silently, even with RAYGPT_API_KEY set."""
+    monkeypatch.delenv("RAYGPT_API_KEY", raising=False)
+    config = load_config(None, ['serve.api_key=""'])
+    assert config.serve.api_key is None and config.serve.resolved_api_key() is None
+    monkeypatch.setenv("RAYGPT_API_KEY", "from-the-environment")
+    assert load_config(None, ['serve.api_key=""']).serve.resolved_api_key() == "from-the-environment"
+    assert load_config(None, ["serve.api_key=set-here"]).serve.resolved_api_key() == "set-here"
+    monkeypatch.setenv("RAYGPT_API_KEY", "")
+    assert load_config(None, []).serve.resolved_api_key() is None

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference.outputs import Completion, Delta, FinishReason, Logprobs
-from pipeline.inference.sampling import SamplingParams, check_context_length, sample_token
+from pipeline.inference.sampling import SamplingParams, check_context_length, prompt_length, sample_token
 from pipeline.model.gpt import GPT, KVCache
 from pipeline.model.tokenizer import Tokenizer
 
@@ -97,6 +97,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._aborted: set[int] = set()
         self._running: list[_Sequence] = []
+        self._admitting: list[_Sequence] = []
         self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
 
@@ -126,7 +127,7 @@ class Engine:
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ``ContextLengthError`` / ``ValueError`` when the request cannot run."""
-        check_context_length(len(prompt_ids), params.max_tokens, self.context_length)
+        check_context_length(prompt_ids, params.max_tokens, self.context_length)
         vocab = self.model.config.vocab_size
         if any(not 0 <= int(t) < vocab for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
@@ -159,12 +160,13 @@ class Engine:
         return len(self._waiting)
 
     def reset(self) -> list[int]:
-        """Forget every sequence (after an error); returns the ids that were waiting or running."""
+        """Forget every sequence (after a failed step); returns the ids of all it held: waiting, running, and those
+        the failed step had taken from the queue to admit."""
         with self._lock:
-            ids = [s.id for s in self._waiting] + [s.id for s in self._running]
+            ids = [s.id for s in self._waiting] + [s.id for s in self._admitting] + [s.id for s in self._running]
             self._waiting.clear()
             self._aborted.clear()
-        self._running, self._cache, self._mask = [], None, None
+        self._running, self._admitting, self._cache, self._mask = [], [], None, None
         return ids
 
     @torch.inference_mode()
@@ -176,6 +178,7 @@ class Engine:
                 self._waiting = deque(s for s in self._waiting if s.id not in aborted)
             free = self.max_batch_size - sum(1 for s in self._running if s.id not in aborted)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._admitting = admitted  # neither waiting nor running until the prefill is done
         if aborted:
             self._keep([row for row, s in enumerate(self._running) if s.id not in aborted])
         deltas: list[Delta] = []
@@ -183,6 +186,7 @@ class Engine:
             deltas += self._decode()
         if admitted:
             deltas += self._prefill(admitted)
+        self._admitting = []
         return deltas
 
     def generate(
@@ -197,7 +201,7 @@ class Engine:
             raise ValueError("give one SamplingParams or one per prompt")
         index: dict[int, int] = {}
         for prompt, p in zip(prompts, per, strict=True):
-            self.check(prompt or [self.eot_id], p)
+            self.check(prompt, p)
         for i, (prompt, p) in enumerate(zip(prompts, per, strict=True)):
             index[self.add(prompt, p)] = i
         results: dict[int, Delta] = {}
@@ -216,7 +220,7 @@ class Engine:
                     text=d.text,
                     token_ids=d.token_ids,
                     finish_reason=d.finish_reason,
-                    prompt_tokens=max(1, len(prompt)),
+                    prompt_tokens=prompt_length(prompt),
                     completion_tokens=d.completion_tokens,
                     logprobs=d.logprobs,
                 )

@@ -7,6 +7,7 @@ seeded request draws the same tokens whatever else shares the batch (up to float
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,14 @@ class ContextLengthError(ValueError):
     code = "context_length_exceeded"
 
 
-def check_context_length(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
-    """The one context-length rule: the prompt plus ``max_tokens`` must fit the model's context."""
+def prompt_length(prompt_ids: Sequence[int]) -> int:
+    """Positions a prompt takes in the context: an empty prompt starts from ``<|endoftext|>`` (as GPT-2/3 do)."""
+    return max(1, len(prompt_ids))
+
+
+def check_context_length(prompt_ids: Sequence[int], max_tokens: int, context_length: int) -> None:
+    """The one context-length rule: the prompt (:func:`prompt_length`) plus ``max_tokens`` must fit the context."""
+    prompt_tokens = prompt_length(prompt_ids)
     if prompt_tokens + max_tokens > context_length:
         raise ContextLengthError(
             f"This model's maximum context length is {context_length} tokens, however you requested "
@@ -68,7 +75,11 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     ``generator``."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # in float64 (where every positive JSON number is non-zero) and shifted so the largest is 0 before dividing:
+    # any temperature > 0, however small, then gives 0 for the top token and finite negatives or -inf for the
+    # rest (never inf - inf = nan), and the softmax is unchanged by the shift
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
 from ray import serve
 
+from pipeline.config import API_KEY_ENV
 from pipeline.layout import resolve_export
 from pipeline.serve.app import Ingress
 from pipeline.serve.replica import Generator
 from pipeline.serve.serving import ServingSettings
 
 APP_NAME = "raygpt"
-API_KEY_ENV = "RAYGPT_API_KEY"
 
 
 def build_app(config: Any, export: str | None = None) -> Any:
@@ -64,13 +63,11 @@ def build_app(config: Any, export: str | None = None) -> Any:
         device="cuda" if s.num_gpus_per_replica > 0 else "cpu",
         tokenizer_file=config.data.tokenizer_file,
     )
-    api_key = s.api_key.get_secret_value() if s.api_key is not None else os.environ.get(API_KEY_ENV)
     settings = ServingSettings(
         model_name=s.model_name,
-        api_key=api_key or None,
+        api_key=s.resolved_api_key(),
         request_timeout_s=s.request_timeout_s,
         max_request_bytes=s.max_request_bytes,
-        export=location,
         context_length=info.model.context_length,
         vocab_size=info.model.vocab_size,
         tokenizer=info.tokenizer.get("name", "r50k_base"),
@@ -149,6 +146,6 @@ def curl_example(config: Any, url: str | None = None) -> str:
     url = url or base_url(config)
     body = json.dumps({"model": config.serve.model_name, "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8})
     auth = ""
-    if config.serve.api_key is not None or os.environ.get(API_KEY_ENV):
+    if config.serve.resolved_api_key():
         auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"'
     return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"

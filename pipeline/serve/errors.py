@@ -52,6 +52,14 @@ def replica_failed(exc: Exception) -> APIError:
     )
 
 
+def engine_failed() -> APIError:
+    """The replica's engine raised while generating: every request it was running fails at once with this 503 (the
+    replica goes on serving); the exception itself is in the replica's log."""
+    return APIError(
+        503, "Generation failed on the model replica; retry the request.", "server_error", code="engine_failure"
+    )
+
+
 class JSONResponse(_JSONResponse):
     """JSON with non-ASCII escaped. A client may send a lone surrogate (``"\\ud800"`` is valid JSON) that comes back
     in a model id, an echoed prompt or an error message; Starlette's UTF-8 rendering raises on it (a 500), while

@@ -36,7 +36,6 @@ class ReplicaInfo:
 
     replica: str
     export_sha256: str
-    export: str
 
 
 class EngineFailure(RuntimeError):
@@ -115,7 +114,7 @@ class Generator:
     ) -> AsyncIterator[ReplicaInfo | list[tuple[int, Delta]]]:
         """Yields a :class:`ReplicaInfo`, then ``(sequence index, delta)`` lists until every sequence finished;
         without ``stream`` one list of merged deltas at the end (far less per-token overhead)."""
-        yield ReplicaInfo(self.replica, self.info.weights_sha256, self.info.location)
+        yield ReplicaInfo(self.replica, self.info.weights_sha256)
         wake = self._ensure_loop()
         queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         index: dict[int, int] = {}

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError
 from pipeline.inference.outputs import Delta
 from pipeline.inference.sampling import ContextLengthError, SamplingParams, check_context_length
 from pipeline.model.tokenizer import get_tokenizer
-from pipeline.serve.errors import APIError, error_body, replica_failed
+from pipeline.serve.errors import APIError, engine_failed, error_body, replica_failed
 from pipeline.serve.protocol import (
     MAX_SEQUENCES,
     AssistantMessage,
@@ -44,7 +44,7 @@ from pipeline.serve.protocol import (
     SamplingRequest,
     Usage,
 )
-from pipeline.serve.replica import ReplicaInfo, SequenceRequest
+from pipeline.serve.replica import EngineFailure, ReplicaInfo, SequenceRequest
 
 Prompt = tuple[list[int], str | None]  # token ids, and the text they came from (None for token prompts)
 
@@ -57,7 +57,6 @@ class ServingSettings:
     api_key: str | None
     request_timeout_s: float
     max_request_bytes: int
-    export: str
     context_length: int
     vocab_size: int
     tokenizer: str
@@ -144,7 +143,7 @@ class OpenAIServing:
         sequences = []
         for ids, text in prompts:
             try:
-                check_context_length(len(ids), params.max_tokens, self.context_length)
+                check_context_length(ids, params.max_tokens, self.context_length)
             except ContextLengthError as exc:
                 raise APIError(400, str(exc), param="prompt", code=exc.code) from None
             if any(not 0 <= t < self.settings.vocab_size for t in ids):
@@ -195,6 +194,8 @@ class OpenAIServing:
             raise
         except RayActorError as exc:
             raise replica_failed(exc) from None
+        except EngineFailure:  # Ray re-raises the replica's error as an instance of it
+            raise engine_failed() from None
         return choices
 
     async def _events(
@@ -218,8 +219,8 @@ class OpenAIServing:
         except asyncio.CancelledError:  # the client went away
             stream.cancel()
             raise
-        except RayActorError as exc:
-            failed = replica_failed(exc)
+        except (RayActorError, EngineFailure) as exc:
+            failed = replica_failed(exc) if isinstance(exc, RayActorError) else engine_failed()
             yield event(error_body(failed.message, failed.type, code=failed.code))
         except Exception as exc:  # the message's first line only: no tracebacks or internals in the stream
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -231,9 +232,9 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------------ endpoints
 
     def models(self) -> ModelList:
-        card = ModelCard(
-            id=self.model_name, created=self.created, root=self.settings.export, max_model_len=self.context_length
-        )
+        # the id and what a client needs (the context length), never where the weights are stored
+        name = self.model_name
+        card = ModelCard(id=name, created=self.created, root=name, max_model_len=self.context_length)
         return ModelList(data=[card])
 
     async def completions(self, body: CompletionRequest) -> tuple[Any, dict[str, str]]:

@@ -222,3 +222,39 @@ def test_cli_generate_batch_of_prompts(tmp_path, capsys: pytest.CaptureFixture) 
     assert out.count("[length, 5 tokens]") + out.count("[stop, ") == 2 and "ROMEO:" in out and "JULIET:" in out
     assert main([*args, "--max-tokens", "100"]) == 2  # 100 + the prompt does not fit in nano's 64 positions
     assert "maximum context length is 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-50, 5e-324, 1e-30])
+def test_tiny_temperatures_sample_the_greedy_token(temperature: float) -> None:
+    """Dividing logits by a temperature this small overflows float32 (inf - inf = nan), which made every
+    probability nan and the draw fall off the end of the vocabulary: an empty completion instead of greedy."""
+    torch.manual_seed(0)
+    logits = torch.randn(50257) * 5
+    generator = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 1.0), (40, 1.0), (0, 0.9)):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        assert sample_token(logits, params, generator) == int(torch.argmax(logits))
+
+
+def test_a_failed_step_leaves_no_sequence_unaccounted_for(engine: Engine, prompt_ids: list[list[int]]) -> None:
+    """Sequences taken from the queue for a prefill that raises are in neither the queue nor the running batch;
+    reset() must still return them, or their requests wait for the timeout instead of failing at once."""
+    running = engine.add(prompt_ids[0], SamplingParams(max_tokens=20, temperature=0))
+    engine.step()  # now running
+    waiting = [engine.add(ids, SamplingParams(max_tokens=5, temperature=0)) for ids in prompt_ids[1:3]]
+    real = engine.model.forward
+
+    def broken(*args: object, **kwargs: object) -> object:
+        if kwargs.get("past_key_values") is None:  # the prefill of the admitted sequences
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    engine.model.forward = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    finally:
+        del engine.model.forward
+    assert sorted(engine.reset()) == sorted([running, *waiting])
+    assert not engine.has_work()
+    assert engine.generate([prompt_ids[0]], GREEDY)[0].token_ids  # and the engine serves the next request

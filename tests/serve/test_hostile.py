@@ -153,6 +153,17 @@ def test_huge_max_tokens_and_n(url: str) -> None:
     _assert_healthy(url)
 
 
+def test_an_empty_prompt_counts_the_token_it_starts_from(url: str) -> None:
+    """An empty prompt starts from <|endoftext|>: one token of the context (64 for the nano export), which the
+    ingress must count as the engine does (it was a 500 from the engine's own check)."""
+    for prompt in ("", [""]):
+        r = _post(url, {"prompt": prompt, "max_tokens": 64})
+        assert "65 tokens (1 in your prompt; 64" in expect_error(r, 400, "context_length_exceeded")["message"]
+    r = _post(url, {"prompt": "", "max_tokens": 63, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+    _assert_healthy(url)
+
+
 ODD = [
     "\ud800",  # lone high surrogate (valid JSON as "\ud800", not encodable as UTF-8)
     "x\udfffy",  # lone low surrogate

@@ -89,7 +89,7 @@ def test_stop_strings(url: str) -> None:
         assert "".join(e["choices"][0]["text"] for e in sse_events(r)) == choice["text"]
 
 
-def test_chat_models_health_openapi(url: str) -> None:
+def test_chat_models_health_openapi(url: str, exports: dict[str, str]) -> None:
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     r = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
     assert r.status_code == 200, r.text
@@ -103,6 +103,9 @@ def test_chat_models_health_openapi(url: str) -> None:
     models = requests.get(f"{url}/v1/models", timeout=10).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "raygpt"
     assert models["data"][0]["object"] == "model" and "owned_by" in models["data"][0]
+    # what a client needs (the context length), never where the weights are stored
+    assert models["data"][0]["max_model_len"] == 64 and models["data"][0]["root"] == "raygpt"
+    assert str(Path(exports["a"]).parent) not in json.dumps(models)
     assert requests.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(spec["paths"])
