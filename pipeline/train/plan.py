@@ -80,6 +80,7 @@ class TrainPlan:
             "model": self.model,
             "num_workers": self.num_workers,  # ZeRO-3 shards are per rank (DeepSpeed #5405)
             "context_length": self.context_length,
+            "seed": self.seed,  # the data order (SequenceOrder) and the initialization
             "data": self.data_fingerprint,
             "init": self.init_fingerprint,
         }

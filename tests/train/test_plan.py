@@ -111,3 +111,13 @@ def test_batches_mix_distant_chunks_and_each_chunk_is_read_once_per_window() -> 
 def test_empty_split_is_refused() -> None:
     with pytest.raises(ValueError, match="no sequences"):
         SequenceOrder(0, seed=1)
+
+
+def test_resume_fingerprint_covers_what_changes_the_run() -> None:
+    """run.seed picks the data order (and the init): resuming a checkpoint under another seed would silently
+    train on another order, so it must be refused like another model or dataset."""
+    base = _plan().fingerprint()
+    for change in ({"seed": 2}, {"num_workers": 4}, {"context_length": 32}, {"model": {"n_layer": 3}}):
+        assert _plan(**change).fingerprint() != base, change
+    for harmless in ({"max_steps": 200}, {"eval_every": 5}, {"checkpoint_every": 20}):
+        assert _plan(**harmless).fingerprint() == base, harmless
