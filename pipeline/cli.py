@@ -88,9 +88,8 @@ def init_export(args: Args) -> int:
     torch.manual_seed(config.run.seed)
     model = GPT(model_config)
     target = args.out or RunLayout.of(config).export("init")
-    written = save_export(
-        model, model_config, target, tokenizer.info(), metadata={"stage": "init", "preset": config.model.preset}
-    )
+    metadata = {"stage": "init", "preset": config.model.preset}
+    written = save_export(model, model_config, target, tokenizer.info(), metadata=metadata, overwrite=args.overwrite)
     print(f"wrote untrained {config.model.preset} export ({_human(model.num_params())} parameters) to {written}")
     return 0
 
@@ -203,11 +202,11 @@ def export(args: Args) -> int:
         from pipeline.export.hf import export_hf
 
         source = args.source or RunLayout.of(config).newest_export()
-        print(f"wrote Hugging Face GPT-2 directory {export_hf(source, args.hf)} from {source}")
+        print(f"wrote Hugging Face GPT-2 directory {export_hf(source, args.hf, args.overwrite)} from {source}")
         return 0
     from pipeline.train.consolidate import export_latest
 
-    written = export_latest(config, args.stage, args.out)
+    written = export_latest(config, args.stage, args.out, overwrite=args.overwrite)
     print(f"consolidated the latest {args.stage} checkpoint into {written}")
     return 0
 
@@ -216,7 +215,7 @@ def import_hf(args: Args) -> int:
     from pipeline.export.hf import import_hf as run
 
     config = _config(args)
-    written = run(args.directory, args.out or RunLayout.of(config).export("imported"))
+    written = run(args.directory, args.out or RunLayout.of(config).export("imported"), overwrite=args.overwrite)
     print(
         f"imported {args.directory} as {written}; fine-tune it with: raygpt finetune --set finetune.init_from={written}"
     )
@@ -255,6 +254,7 @@ EXPORT_HELP = "export directory or URI (default: serve.export, else the run's ne
 FRESH = opt("--fresh", action="store_true", help="discard this run's checkpoints and start over")
 JSON_SUMMARY = opt("--json", action="store_true", help="print the run summary as JSON")
 OVERWRITE = opt("--overwrite", action="store_true", help="replace a different dataset already there")
+REPLACE = opt("--overwrite", action="store_true", help="replace the target folder even if it is not an export")
 
 # "config show" is the subcommand "show" of the group "config".
 COMMANDS: dict[str, Command] = {
@@ -291,6 +291,7 @@ COMMANDS: dict[str, Command] = {
             opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/<stage>ed)"),
             opt("--hf", metavar="DIR", help="write a Hugging Face GPT-2 directory instead"),
             opt("--source", metavar="EXPORT", help="with --hf: the export to convert (default: newest)"),
+            REPLACE,
         ),
     ),
     "import-hf": Command(
@@ -299,12 +300,13 @@ COMMANDS: dict[str, Command] = {
         (
             opt("directory", help="folder with config.json and model.safetensors (or pytorch_model.bin)"),
             opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/imported)"),
+            REPLACE,
         ),
     ),
     "init-export": Command(
         init_export,
         "write an untrained export of model.preset",
-        (opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/init)"),),
+        (opt("--out", metavar="DIR", help="export directory (default <run.dir>/export/init)"), REPLACE),
     ),
     "generate": Command(
         generate,

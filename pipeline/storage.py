@@ -97,6 +97,17 @@ def exists(location: str | Path) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_empty(location: str | Path) -> bool:
+    """Nothing at ``location``, or an empty directory (prefix)."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    if info.type != pafs.FileType.Directory:
+        return False
+    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
 def read_bytes(location: str | Path) -> bytes:
     """The whole content of one file (local path or URI); errors name the file."""
     fs, path = filesystem(location)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import storage
-from pipeline.layout import EXPORT_CONFIG
+from pipeline.layout import EXPORT_CONFIG, is_complete_export
 from pipeline.model.gpt import GPT, GPTConfig
 
 EXPORT_FORMAT = "raygpt-export"
@@ -50,8 +50,11 @@ def save_export(
     tokenizer: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """Write an export to ``location`` (directory or URI), replacing what is there only once complete."""
+    """Write an export to ``location`` (directory or URI), replacing what is there only once complete. What is
+    there must be nothing, an empty folder or an export, unless ``overwrite``: a folder of other files is refused."""
+    check_replaceable(location, is_complete_export, "a raygpt export", overwrite)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     tensors = {
         name: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
@@ -77,6 +80,17 @@ def save_export(
         }
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return publish.published
+
+
+def check_replaceable(location: str | Path, is_kind: Any, kind: str, overwrite: bool) -> None:
+    """Refuse to publish over anything but nothing, an empty folder or ``kind`` (``is_kind(location)``), since
+    publishing replaces the whole folder."""
+    if overwrite or storage.is_empty(location) or is_kind(str(location)):
+        return
+    raise ExportError(
+        f"{str(location)!r} holds files and is not {kind}; refusing to replace it (choose another folder, or pass "
+        "--overwrite to replace everything in it)"
+    )
 
 
 def read_export_info(location: str | Path) -> tuple[ExportInfo, str]:

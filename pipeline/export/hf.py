@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import storage
-from pipeline.export.format import ExportError, load_export, save_export
+from pipeline.export.format import ExportError, check_replaceable, load_export, save_export
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.tokenizer import DEFAULT_ENCODING, get_tokenizer
 
@@ -122,8 +122,18 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def export_hf(export: str, out_dir: str | Path) -> Path:
-    """Write an export as a Hugging Face GPT-2 directory (staged, then moved into place)."""
+def is_hf_model_dir(location: str) -> bool:
+    """A folder holding a Hugging Face model (its config.json names a model_type)."""
+    config = Path(location) / "config.json"
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def export_hf(export: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write an export as a Hugging Face GPT-2 directory (staged, then moved into place); ``out_dir`` must be new,
+    empty or a Hugging Face model directory unless ``overwrite``."""
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
@@ -134,6 +144,7 @@ def export_hf(export: str, out_dir: str | Path) -> Path:
     except ValueError as exc:
         raise ExportError(f"cannot write {export} as GPT-2: {exc}") from None
     target = Path(out_dir)
+    check_replaceable(target, is_hf_model_dir, "a Hugging Face model directory", overwrite)
     tensors = {k: v.contiguous() for k, v in to_hf_state_dict(model.state_dict()).items() if k != LM_HEAD}
     with storage.Staged(target) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -155,9 +166,14 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise ExportError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
-def import_hf(hf_dir: str | Path, target: str) -> str:
-    """A Hugging Face GPT-2 directory -> a raygpt export at ``target``."""
+def import_hf(hf_dir: str | Path, target: str, overwrite: bool = False) -> str:
+    """A Hugging Face GPT-2 directory -> a raygpt export at ``target`` (never the source folder or one around it:
+    publishing replaces the target whole)."""
     folder = Path(hf_dir)
+    if not storage.is_remote(target):
+        source, destination = folder.resolve(), storage.local_path(target).resolve()
+        if source == destination or source.is_relative_to(destination) or destination.is_relative_to(source):
+            raise ExportError(f"cannot import {folder} into {target}: the export would replace its own source")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ExportError(f"{folder} is not a Hugging Face model directory: config.json is missing")
@@ -189,6 +205,6 @@ def import_hf(hf_dir: str | Path, target: str) -> str:
     except (KeyError, ValueError) as exc:
         raise ExportError(f"cannot convert the weights in {folder}: {exc}") from None
     metadata = {"stage": "import-hf", "source": str(folder)}
-    written = save_export(state, model_config, target, tokenizer.info(), metadata=metadata)
+    written = save_export(state, model_config, target, tokenizer.info(), metadata=metadata, overwrite=overwrite)
     load_export(written)  # names and shapes checked against the config before anyone trains on it
     return written

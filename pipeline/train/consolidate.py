@@ -16,7 +16,9 @@ from pipeline.train import checkpoint
 from pipeline.train.plan import TrainError, TrainPlan, make_plan
 
 
-def consolidate(checkpoint_dir: str, plan: TrainPlan, target: str, metadata: dict[str, Any]) -> str:
+def consolidate(
+    checkpoint_dir: str, plan: TrainPlan, target: str, metadata: dict[str, Any], overwrite: bool = False
+) -> str:
     """The checkpoint at ``checkpoint_dir`` (of a run planned as ``plan``) as an export at ``target``."""
     import ray
 
@@ -32,12 +34,13 @@ def consolidate(checkpoint_dir: str, plan: TrainPlan, target: str, metadata: dic
         state = checkpoint.read_state(checkpoint_dir)
         with storage.local_copy(checkpoint_dir) as local:
             weights = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=state["tag"])
-        return save_export(weights, GPTConfig.from_dict(plan.model), target, plan.tokenizer, metadata=metadata)
+        model_config = GPTConfig.from_dict(plan.model)
+        return save_export(weights, model_config, target, plan.tokenizer, metadata=metadata, overwrite=overwrite)
 
     return ray.get(_consolidate.remote())
 
 
-def export_latest(config: PipelineConfig, stage: Stage, out: str | None = None) -> str:
+def export_latest(config: PipelineConfig, stage: Stage, out: str | None = None, overwrite: bool = False) -> str:
     """Consolidate the newest ZeRO-3 checkpoint of ``stage`` into an export (``raygpt export``)."""
     layout = RunLayout.of(config)
     found = checkpoint.latest_checkpoint(layout, stage)
@@ -47,4 +50,5 @@ def export_latest(config: PipelineConfig, stage: Stage, out: str | None = None) 
     state = checkpoint.read_stage_state(layout, stage)
     plan = TrainPlan.from_json(state["plan"]) if state and "plan" in state else make_plan(config, stage)
     target = out or layout.stage_export(stage)
-    return consolidate(location, plan, target, {"stage": stage, "steps": step, "checkpoint": location})
+    metadata = {"stage": stage, "steps": step, "checkpoint": location}
+    return consolidate(location, plan, target, metadata, overwrite=overwrite)

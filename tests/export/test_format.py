@@ -90,3 +90,38 @@ def test_weights_that_do_not_fit_the_config_are_refused(model: GPT, tmp_path: Pa
     (target / CONFIG_FILE).write_text(json.dumps(document))
     with pytest.raises(ExportError, match="has shape"):
         load_export(target)
+
+
+def test_a_folder_that_is_not_an_export_is_never_replaced(model: GPT, tmp_path: Path) -> None:
+    """`--out ~/models` used to rename the folder away and delete it once the export was in place."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a raygpt export.*--overwrite"):
+        save_export(model, CONFIG, folder, get_tokenizer().info())
+    assert (folder / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    save_export(model, CONFIG, folder, get_tokenizer().info(), overwrite=True)  # asked for explicitly
+    assert (folder / CONFIG_FILE).is_file() and not (folder / "notes.txt").exists()
+    save_export(model, CONFIG, folder, get_tokenizer().info())  # an export is replaced by the next one
+    (tmp_path / "empty").mkdir()
+    save_export(model, CONFIG, tmp_path / "empty", get_tokenizer().info())
+
+
+def test_cli_export_hf_and_import_refuse_foreign_folders_and_keep_sources(model: GPT, tmp_path: Path) -> None:
+    from pipeline.cli import main
+
+    export = save_export(model, CONFIG, tmp_path / "export", get_tokenizer().info())
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert main(["export", "--hf", str(folder), "--source", export]) == 2
+    assert (folder / "notes.txt").read_text() == "mine"
+    hf = tmp_path / "hf"
+    assert main(["export", "--hf", str(hf), "--source", export]) == 0
+    assert main(["export", "--hf", str(hf), "--source", export]) == 0  # a GPT-2 directory is replaced
+    assert main(["import-hf", str(hf), "--out", str(hf)]) == 2  # importing onto the source would delete it
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    assert main(["import-hf", str(hf), "--out", str(folder)]) == 2
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert main(["import-hf", str(hf), "--out", str(folder), "--overwrite"]) == 0
+    assert load_export(folder)[1].metadata["stage"] == "import-hf"
