@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import requests
 from ray import serve
+from ray_state import live_actors, wait_until  # this script's folder is first on sys.path
 
 from pipeline import storage
 from pipeline.config import load_config
@@ -27,22 +28,6 @@ from pipeline.serve.deploy import APP_NAME, deploy
 from pipeline.train.driver import pretrain
 
 STEPS, EVERY = 6, 2
-
-
-def actors(class_name: str) -> list[dict[str, Any]]:
-    import ray._private.state
-
-    return [a for a in ray._private.state.actors().values() if a["ActorClassName"] == class_name]
-
-
-def wait(predicate: Any, timeout: float, what: str, poll: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def main(prefix: str, port: int) -> dict[str, Any]:
@@ -95,13 +80,13 @@ def main(prefix: str, port: int) -> dict[str, Any]:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    workers = wait(
-        lambda: len(a := [w for w in actors("RayTrainWorker") if w["State"] == "ALIVE"]) == 2 and a,
+    workers = wait_until(
+        lambda: len(found := live_actors("RayTrainWorker")) == 2 and found,
         300,
         "2 training workers",
     )
     victim = next(w for w in workers if w["Address"]["NodeID"] == other[0])
-    wait(lambda: 0 < registered() < STEPS or not thread.is_alive(), 300, "a registered checkpoint", poll=0.05)
+    wait_until(lambda: 0 < registered() < STEPS or not thread.is_alive(), 300, "a registered checkpoint", poll=0.05)
     resumable = registered()
     os.kill(int(victim["Pid"]), signal.SIGKILL)
     thread.join(timeout=600)
@@ -115,9 +100,7 @@ def main(prefix: str, port: int) -> dict[str, Any]:
         response = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2}, timeout=60)
         response.raise_for_status()
         replicas.add(response.headers["x-raygpt-replica"])
-    replica_nodes = sorted(
-        a["Address"]["NodeID"] for a in actors("ServeReplica:raygpt:Generator") if a["State"] == "ALIVE"
-    )
+    replica_nodes = sorted(a["Address"]["NodeID"] for a in live_actors("ServeReplica:raygpt:Generator"))
     serve.delete(APP_NAME)
     metrics = storage.read_bytes(layout.metrics_file("pretrain")).decode() if summary else ""
     return {
@@ -128,7 +111,7 @@ def main(prefix: str, port: int) -> dict[str, Any]:
         "worker_node": other[0],
         "killed_on": victim["Address"]["NodeID"],
         "resumable": resumable,
-        "workers_started": len(actors("RayTrainWorker")),
+        "workers_started": len(live_actors("RayTrainWorker", state=None)),
         "metric_steps": [json.loads(line)["step"] for line in metrics.splitlines()],
         "export": summary.get("export"),
         "replicas_answering": len(replicas),

@@ -22,6 +22,7 @@ import pytest
 import ray._private.utils as ray_utils
 from helpers import REPO
 from helpers.cluster import LocalHead, free_ports, tagged_pids, wait_for_job
+from helpers.settings import tiny_run
 
 JOB_TIMEOUT_S = 900
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "bench"]
@@ -39,29 +40,8 @@ def _workspace(root: Path) -> tuple[Path, Path]:
 
 
 def _tiny_overrides(root: Path, corpus: Path, finetune: Path, serve_port: int) -> list[str]:
-    settings = [
-        f"run.dir={root / 'run'}",
-        "run.name=jobtest",
-        f"data.inputs=[{corpus}]",
-        "data.txt_document=paragraph",
-        "data.context_length=32",
-        "data.num_tokenizers=1",
-        "model.preset=nano",
-        "train.max_steps=3",
-        "train.checkpoint_every=3",
-        "train.eval_every=3",
-        "train.eval_batches=1",
-        "train.micro_batch_size=2",
-        "train.warmup_steps=1",
-        "train.max_failures=0",
-        "finetune.max_steps=2",
-        "finetune.micro_batch_size=2",
-        f"finetune.inputs=[{finetune / 'train.jsonl'}]",
-        f"finetune.eval_inputs=[{finetune / 'heldout.jsonl'}]",
-        "serve.host=127.0.0.1",
-        f"serve.port={serve_port}",
-        "serve.request_timeout_s=120",
-    ]
+    train, heldout = finetune / "train.jsonl", finetune / "heldout.jsonl"
+    settings = tiny_run(str(root / "run"), "jobtest", str(corpus), str(train), str(heldout), serve_port)
     return [arg for setting in settings for arg in ("--set", setting)]
 
 

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 import requests
 from helpers import REPO
+from helpers.settings import tiny_run
 
 from pipeline import storage
 from pipeline.config import PipelineConfig, load_config
@@ -46,30 +47,11 @@ def _inputs(bucket: str, root: Path) -> dict[str, str]:
 
 
 def _config(bucket: str, inputs: dict[str, str], serve_port: int) -> PipelineConfig:
-    return load_config(
-        overrides=[
-            f"run.dir={bucket}/run",
-            "run.name=s3test",
-            f"data.inputs=[{inputs['corpus']}]",
-            "data.context_length=32",
-            "data.num_tokenizers=1",
-            "model.preset=nano",
-            "train.max_steps=3",
-            "train.checkpoint_every=3",
-            "train.eval_every=3",
-            "train.eval_batches=1",
-            "train.micro_batch_size=2",
-            "train.warmup_steps=1",
-            "train.max_failures=0",
-            "finetune.max_steps=2",
-            "finetune.micro_batch_size=2",
-            f"finetune.inputs=[{inputs['ft']}/train.jsonl]",
-            f"finetune.eval_inputs=[{inputs['ft']}/heldout.jsonl]",
-            "serve.host=127.0.0.1",
-            f"serve.port={serve_port}",
-            "serve.request_timeout_s=120",
-        ]
+    ft = inputs["ft"]
+    settings = tiny_run(
+        f"{bucket}/run", "s3test", inputs["corpus"], f"{ft}/train.jsonl", f"{ft}/heldout.jsonl", serve_port
     )
+    return load_config(overrides=settings)
 
 
 def _temp_entries() -> set[str]:
