@@ -347,26 +347,29 @@ def _publish_remote(local_dir: Path, location: str, last: str | None) -> None:
 
 
 def staging_dir_for(location: str | Path) -> Path:
-    """An empty directory beside a local target (same filesystem, so the final rename is atomic).
+    """An empty directory beside a local target (same filesystem, so the final rename is atomic), or in the temp
+    dir for a remote one (uploaded from there).
 
-    Its name records the process that owns it (``.<name>.tmp-<hex>-<pid>-<host>``): a build killed outright
-    (SIGKILL, the OOM killer) runs no cleanup, so the next build for the same target removes what such builds
-    left behind, and never the staging directory of a build still running (on this host or another one).
+    Its name records the process that owns it (``<prefix>tmp-<hex>-<pid>-<host>``): a build killed outright
+    (SIGKILL, the OOM killer) runs no cleanup, so the next build removes what such builds left behind, and never
+    the staging directory of a build still running (on this host or another one).
     """
     if is_remote(location):
-        return Path(tempfile.mkdtemp(prefix="raygpt-stage-"))
-    target = local_path(location)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(target)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}")
+        folder, prefix = Path(tempfile.gettempdir()), "raygpt-stage."
+    else:
+        target = local_path(location)
+        folder, prefix = target.parent, f".{target.name}."
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(folder, prefix)
+    staging = folder / f"{prefix}tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}"
     staging.mkdir()
     return staging
 
 
-def _remove_abandoned(target: Path) -> None:
-    """Staging directories of ``target`` whose process (on this host) is gone, and trash a publish left."""
-    prefix = f".{target.name}."
-    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+def _remove_abandoned(folder: Path, prefix: str) -> None:
+    """Staging directories in ``folder`` named ``<prefix>tmp-...`` whose process (on this host) is gone, and the
+    trash (``<prefix>old-...``) a local publish left."""
+    for path in folder.glob(f"{glob.escape(prefix)}*"):
         kind, _, rest = path.name.removeprefix(prefix).partition("-")
         if kind == "old":  # a publish's renamed previous version: never read again
             shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,9 @@ HTTP proxy on a free loopback port, nano exports for the Serve tests, and an S3-
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +40,7 @@ os.environ.update(
     AWS_EC2_METADATA_DISABLED="true",
     RAYGPT_CACHE_DIR=tempfile.mkdtemp(prefix="raygpt-test-cache-"),
 )
+atexit.register(shutil.rmtree, os.environ["RAYGPT_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_pipeline_on_s3_runs_skips_and_restarts(
     finally:
         serve.delete(APP_NAME)
     leaked = _temp_entries() - temp_before
-    assert not {name for name in leaked if name.startswith(("raygpt-copy-", "raygpt-downloads", "raygpt-stage-"))}
+    assert not {name for name in leaked if name.startswith(("raygpt-copy-", "raygpt-downloads", "raygpt-stage"))}
     cache = Path(os.environ["RAYGPT_CACHE_DIR"])
     cached = [p for p in cache.rglob("*") if p.is_file()]
     print(f"after three runs: {len(cached)} cached weight files, {sum(p.stat().st_size for p in cached) / 1e6:.1f} MB")
@@ -169,8 +169,11 @@ def test_a_publish_killed_half_way_leaves_the_previous_export_served(
         assert response.status_code == 200, response.text
         assert response.headers["x-raygpt-export-sha256"] == old_info.weights_sha256
 
-    # The next publish completes, and removes the killed one's partial upload.
+    # The next publish completes, and removes the killed one's partial upload and its local staging copy.
+    staged_by_killed = f"raygpt-stage.tmp-*-{writer.pid}-*"
+    assert list(Path(tempfile.gettempdir()).glob(staged_by_killed))
     save_export(load_export(exports["b"])[0], info.model, target, info.tokenizer)
+    assert not list(Path(tempfile.gettempdir()).glob(staged_by_killed))
     assert read_export_info(target)[0].weights_sha256 == new_sha
     fs, root = storage.filesystem(f"{target}/_versions")
     versions = [e.base_name for e in fs.get_file_info(pafs.FileSelector(root))]
