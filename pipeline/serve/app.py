@@ -2,7 +2,8 @@
 ``Ingress`` deployment that hosts it.
 
 Routes only parse HTTP and return JSON or a stream; what they do is :class:`~pipeline.serve.serving.OpenAIServing`.
-Every error is OpenAI-shaped (:mod:`pipeline.serve.errors`). The app is built when a replica starts, from that
+Every error is OpenAI-shaped (:mod:`pipeline.serve.errors`); the API key is checked from the headers, before
+the body is read (:mod:`pipeline.serve.auth`). The app is built when a replica starts, from that
 replica's settings, so nothing about one deployment lives in module state.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from ray import serve
 
 from pipeline.serve import errors
+from pipeline.serve.auth import APIKeyAuth
 from pipeline.serve.errors import GENERATE_ERRORS, JSONResponse, documented
 from pipeline.serve.protocol import (
     ChatCompletionResponse,
@@ -42,9 +44,8 @@ def create_app(serving: OpenAIServing) -> FastAPI:
         default_response_class=JSONResponse,
     )
     errors.install(app, serving.settings.max_request_bytes)
-
-    def authenticate(request: Request) -> None:
-        serving.authenticate(request.headers.get("authorization", ""))
+    if serving.settings.api_key is not None:  # added last, so it runs first: before the body limit reads a byte
+        app.add_middleware(APIKeyAuth, api_key=serving.settings.api_key)
 
     @app.get("/health", response_model=Health, responses=documented(405, 413))
     async def health() -> dict[str, str]:
@@ -52,8 +53,7 @@ def create_app(serving: OpenAIServing) -> FastAPI:
         return Health().model_dump()
 
     @app.get("/v1/models", response_model=ModelList, responses=documented(401, 405, 413))
-    async def models(request: Request) -> dict[str, Any]:
-        authenticate(request)
+    async def models() -> dict[str, Any]:
         return serving.models().model_dump()
 
     @app.post(
@@ -61,8 +61,7 @@ def create_app(serving: OpenAIServing) -> FastAPI:
         response_model=None,
         responses=documented(*GENERATE_ERRORS, stream=True, model=CompletionResponse),
     )
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        authenticate(request)
+    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
         return _respond(*await serving.completions(body))
 
     @app.post(
@@ -70,8 +69,7 @@ def create_app(serving: OpenAIServing) -> FastAPI:
         response_model=None,
         responses=documented(*GENERATE_ERRORS, stream=True, model=ChatCompletionResponse),
     )
-    async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
-        authenticate(request)
+    async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
         return _respond(*await serving.chat_completions(body))
 
     return app

@@ -1,4 +1,4 @@
-"""What the OpenAI routes do, between the parsed request and the response body: authentication, prompts to token
+"""What the OpenAI routes do, between the parsed request and the response body: prompts to token
 ids, the per-request limits, sending sequences to a ``Generator`` replica and turning its deltas into OpenAI
 responses or server-sent events.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import time
 import uuid
@@ -78,20 +77,6 @@ class OpenAIServing:
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------------------ checks
-
-    def authenticate(self, authorization: str) -> None:
-        if self.settings.api_key is None:
-            return
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.settings.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                "authentication_error",
-                code="invalid_api_key",
-            )
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -117,6 +117,46 @@ def test_api_key_on_every_generating_route_and_never_logged(
     assert key not in captured.out + captured.err and wrong not in captured.out + captured.err
 
 
+def _raw_request(url: str, head: str, body: bytes = b"", wait_s: float = 10.0) -> bytes:
+    """Send ``head`` (request line and headers) and ``body``, then read what the server answers within ``wait_s``
+    without sending anything more."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def test_the_api_key_is_checked_before_the_body_is_read(
+    tmp_path: Path, serve_port: int, exports: dict[str, str]
+) -> None:
+    """Unauthenticated callers are refused from the headers alone: they cannot make the ingress read or parse a
+    body (a body that never arrives, one over the size limit, one that is not JSON all get the same 401)."""
+    key = "sk-raygpt-" + secrets.token_hex(16)
+    with deployed(tmp_path, serve_port, exports["a"], api_key=key, max_request_bytes=4096) as url:
+        r = requests.post(f"{url}/v1/completions", data=b"{not json", timeout=30)
+        expect_error(r, 401, "invalid_api_key")
+        r = requests.post(f"{url}/v1/completions", data=b"x" * 10_000, timeout=30)
+        expect_error(r, 401, "invalid_api_key")
+        r = requests.post(f"{url}/v1/completions", data=iter([b"x" * 1000] * 8), timeout=30)  # chunked
+        expect_error(r, 401, "invalid_api_key")
+        # Headers promise 3,000 bytes and none follow: the answer comes without waiting for them.
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        answer = _raw_request(url, head + "Content-Length: 3000\r\n")
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        answer = _raw_request(url, head + "Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n")
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        # With the key, the same body is read and judged (404 for an unknown route is also after the key).
+        auth = {"Authorization": f"Bearer {key}"}
+        expect_error(requests.post(f"{url}/v1/completions", data=b"{not json", headers=auth, timeout=30), 400)
+        expect_error(requests.post(f"{url}/v1/completions", data=b"x" * 10_000, headers=auth, timeout=30), 413)
+        expect_error(requests.get(f"{url}/v2/nothing", timeout=30), 401)
+        expect_error(requests.get(f"{url}/v2/nothing", headers=auth, timeout=30), 404)
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+
+
 def test_config_show_and_errors_mask_the_key(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
