@@ -95,7 +95,7 @@ class OpenAIServing:
         except ProtocolError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
 
-    def _encode(self, text: str) -> list[int]:
+    def _check_prompt_chars(self, text: str) -> None:
         if len(text) > self.max_prompt_chars:
             raise APIError(
                 400,
@@ -104,27 +104,44 @@ class OpenAIServing:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        return self.tokenizer.encode(text)
 
-    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    def _check_prompts(self, prompt: str | list[str] | list[int] | list[list[int]], n: int) -> None:
+        """The checks that need no tokenizer, all made before any prompt is tokenized: the prompt's shape, how many
+        sequences it asks for, and each text's length in characters."""
         if isinstance(prompt, str):
-            return [(self._encode(prompt), prompt)]
-        if not prompt:
+            texts, count = [prompt], 1
+        elif not prompt:
             raise APIError(400, "prompt must not be an empty list", param="prompt", code="invalid_value")
+        elif all(isinstance(p, str) for p in prompt):
+            texts, count = prompt, len(prompt)  # type: ignore[assignment]
+        elif all(isinstance(p, int) for p in prompt):
+            texts, count = [], 1
+        else:
+            if not all(isinstance(p, list) and p for p in prompt):
+                raise APIError(400, "token-id prompts must be non-empty lists of integers", param="prompt")
+            texts, count = [], len(prompt)
+        if count * n > MAX_SEQUENCES:
+            raise APIError(400, f"at most {MAX_SEQUENCES} completions per request (prompts x n)", param="n")
+        for text in texts:
+            self._check_prompt_chars(text)
+
+    async def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts``, computed off the event loop (the BPE releases the GIL), so the ingress goes on
+        answering other requests while a large one is tokenized."""
+        return await asyncio.to_thread(lambda: [self.tokenizer.encode(text) for text in texts])
+
+    async def prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+        """The request's prompts as (token ids, text); call after :meth:`_check_prompts`."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
         if all(isinstance(p, str) for p in prompt):
-            return [(self._encode(p), p) for p in prompt]  # type: ignore[arg-type]
+            texts: list[str] = list(prompt)  # type: ignore[arg-type]
+            return list(zip(await self._encode(texts), texts, strict=True))
         if all(isinstance(p, int) for p in prompt):
             return [(list(prompt), None)]  # type: ignore[arg-type]
-        lists: list[Prompt] = []
-        for p in prompt:
-            if not isinstance(p, list) or not p:
-                raise APIError(400, "token-id prompts must be non-empty lists of integers", param="prompt")
-            lists.append((list(p), None))
-        return lists
+        return [(list(p), None) for p in prompt]  # type: ignore[arg-type]
 
     def _sequences(self, prompts: list[Prompt], params: SamplingParams, n: int) -> list[SequenceRequest]:
-        if len(prompts) * n > MAX_SEQUENCES:
-            raise APIError(400, f"at most {MAX_SEQUENCES} completions per request (prompts x n)", param="n")
         sequences = []
         for ids, text in prompts:
             try:
@@ -225,7 +242,8 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest) -> tuple[Any, dict[str, str]]:
         """A :class:`CompletionResponse`, or an SSE line iterator when streaming; plus the response headers."""
         params = self._params(body)
-        prompts = self._prompts(body.prompt)
+        self._check_prompts(body.prompt, body.n)
+        prompts = await self.prompts(body.prompt)
         sequences = self._sequences(prompts, params, body.n)
         stream, info = await self._start(sequences, body.stream)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
@@ -262,7 +280,8 @@ class OpenAIServing:
         """A :class:`ChatCompletionResponse`, or an SSE line iterator when streaming; plus the response headers."""
         params = self._params(body)
         prompt = body.prompt()
-        ids = self._encode(prompt)
+        self._check_prompts(prompt, body.n)
+        (ids,) = await self._encode([prompt])
         sequences = self._sequences([(ids, prompt)], params, body.n)
         stream, info = await self._start(sequences, body.stream)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
