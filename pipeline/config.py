@@ -187,6 +187,10 @@ class ServeSection(Section):
     api_key: SecretStr | None = Field(
         None, description="Require 'Authorization: Bearer <key>' (else $RAYGPT_API_KEY; empty means no key)."
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve a non-loopback serve.host without an API key (only behind your own auth proxy).",
+    )
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
     )

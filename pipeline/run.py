@@ -47,6 +47,10 @@ def run_pipeline(
     from pipeline.raycluster import connect
     from pipeline.train.driver import finetune, pretrain
 
+    if serve:
+        from pipeline.serve.deploy import check_exposure
+
+        check_exposure(config)  # before hours of training, not after
     connect(config.run)
     timings: dict[str, float] = {}
     started_all = time.perf_counter()

@@ -9,6 +9,7 @@ ones finish their requests), so clients see no failed requests.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from pipeline.config import API_KEY_ENV
+from pipeline.config import API_KEY_ENV, ConfigError
 from pipeline.layout import resolve_export
 from pipeline.serve.app import Ingress
 from pipeline.serve.replica import Generator
@@ -25,10 +26,33 @@ from pipeline.serve.serving import ServingSettings
 APP_NAME = "raygpt"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds loopback only (``localhost`` or a 127/8 or ::1 address; names are not resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(config: Any) -> None:
+    """Refuse to bind a non-loopback ``serve.host`` with no API key, unless ``serve.allow_unauthenticated``."""
+    s = config.serve
+    if is_loopback(s.host) or s.resolved_api_key() is not None or s.allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"serve.host: {s.host!r} would expose the endpoint beyond this machine with no API key; set "
+        f"${API_KEY_ENV} (or serve.api_key), or serve.allow_unauthenticated: true if your own proxy or firewall "
+        "authenticates callers"
+    )
+
+
 def build_app(config: Any, export: str | None = None) -> Any:
     """The Serve application for ``config.serve`` (export: ``export`` or ``resolve_export(config)``)."""
     from pipeline.export.format import read_export_info
 
+    check_exposure(config)
     s = config.serve
     location = resolve_export(config, export)
     info, _ = read_export_info(location)  # a missing or broken export fails here, not in replica restarts

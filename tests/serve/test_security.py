@@ -22,7 +22,7 @@ import torch
 import yaml
 from helpers.serve import deployed, expect_error, sse_events
 
-from pipeline.config import PipelineConfig, ServeSection
+from pipeline.config import ConfigError, PipelineConfig, ServeSection
 from pipeline.export.format import ExportError, load_export
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,46 @@ def test_endpoint_binds_loopback_unless_configured(tmp_path: Path, serve_port: i
             with socket.socket() as sock, pytest.raises(OSError):
                 sock.settimeout(2)
                 sock.connect((ip, serve_port))
+
+
+def test_a_non_loopback_bind_needs_a_key_or_an_explicit_opt_out(
+    exports: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.config import API_KEY_ENV
+    from pipeline.serve.deploy import build_app
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+
+    def app(**serve: Any) -> Any:
+        return build_app(PipelineConfig.model_validate({"serve": serve}), exports["a"])
+
+    for host in ("0.0.0.0", "::", "10.1.2.3", "gpu-head.internal", "::ffff:10.0.0.1"):
+        with pytest.raises(ConfigError) as refused:
+            app(host=host)
+        message = str(refused.value)
+        assert "serve.host" in message and API_KEY_ENV in message and "serve.allow_unauthenticated" in message
+        with pytest.raises(ConfigError):
+            app(host=host, api_key="")  # an empty key is no key
+        assert app(host=host, api_key="sk-x") is not None
+        assert app(host=host, allow_unauthenticated=True) is not None
+        monkeypatch.setenv(API_KEY_ENV, "sk-from-env")
+        assert app(host=host) is not None
+        monkeypatch.delenv(API_KEY_ENV)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert app(host=host) is not None
+
+
+def test_raygpt_run_refuses_an_exposed_keyless_endpoint_before_any_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+    from pipeline.config import API_KEY_ENV
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--set", f"run.dir={run_dir}", "--set", "serve.host=0.0.0.0"]) == 2
+    assert "serve.allow_unauthenticated" in capsys.readouterr().err
+    assert not run_dir.exists()  # no stage started
 
 
 # ---------------------------------------------------------------------------------------------- API key
