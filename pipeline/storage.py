@@ -118,6 +118,18 @@ def read_bytes(location: str | Path) -> bytes:
         raise StorageError(f"cannot read {str(location)!r}: {exc}") from exc
 
 
+def read_blocks(location: str | Path, block_size: int = 1 << 20) -> Iterator[bytes]:
+    """The content of one file (local path or URI) as consecutive blocks of at most ``block_size`` bytes, read
+    from one sequential stream, so a file of any size takes one block of memory; errors name the file."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as stream:
+            while block := stream.read(block_size):
+                yield block
+    except OSError as exc:
+        raise StorageError(f"cannot read {str(location)!r}: {exc}") from exc
+
+
 def open_input(location: str | Path) -> Any:
     """A seekable binary file object for one file (for parquet)."""
     fs, path = filesystem(location)

@@ -10,6 +10,12 @@ One call handles one input file and yields pyarrow tables of rows in file order:
 
 A document's split comes from a hash of its identity, ``<file identity>#<doc_index>`` (see
 :func:`is_validation`), so it never depends on other files, the order of inputs or the number of workers.
+
+A file is streamed: txt and jsonl in blocks of ``READ_BLOCK_BYTES`` (decoded and split into documents as they
+come), parquet through a random-access file, ``PARQUET_BUFFER_BYTES`` of its text column at a time and decoded
+``ROWS_PER_CHUNK`` rows at a time; document rows go out in tables of at most ``ROWS_PER_CHUNK`` rows and
+``CHUNK_CHARS`` characters. The memory of one call is therefore bounded by those sizes and the longest document (a
+txt file with ``txt_document=file`` is one document), whatever the size of the file.
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ import pyarrow.parquet as pq
 
 from pipeline.data import clean
 from pipeline.data.errors import DataError
-from pipeline.data.sources import open_input, read_bytes
+from pipeline.data.sources import open_input, read_blocks
 
 KIND_DOCUMENT = 0
 KIND_FILE_SUMMARY = 2
 TRAIN, VAL = 0, 1
 SPLITS = ("train", "val")
 ROWS_PER_CHUNK = 4096
+CHUNK_CHARS = 8 << 20  # a table of document rows holds at most this many characters (unless one document does)
+READ_BLOCK_BYTES = 1 << 20  # txt and jsonl files are read and decoded this many bytes at a time
+PARQUET_BUFFER_BYTES = 1 << 20  # parquet column chunks are read this many bytes at a time
 DOCUMENT_SCHEMA = pa.schema(
     [
         ("file_index", pa.int32()),
@@ -61,6 +70,7 @@ class _Chunker:
         self.doc_index: list[int] = []
         self.split: list[int] = []
         self.text: list[str] = []
+        self.chars = 0
         self.documents = 0
         self.skipped = 0
 
@@ -73,9 +83,10 @@ class _Chunker:
         self.doc_index.append(index)
         self.split.append(VAL if is_validation(f"{self.rel}#{index}", self.val_fraction) else TRAIN)
         self.text.append(text)
+        self.chars += len(text)
 
     def full(self) -> bool:
-        return len(self.text) >= ROWS_PER_CHUNK
+        return len(self.text) >= ROWS_PER_CHUNK or self.chars >= CHUNK_CHARS
 
     def take(self) -> pa.Table:
         count = len(self.text)
@@ -89,7 +100,7 @@ class _Chunker:
             },
             schema=DOCUMENT_SCHEMA,
         )
-        self.doc_index, self.split, self.text = [], [], []
+        self.doc_index, self.split, self.text, self.chars = [], [], [], 0
         return table
 
     def summary(self, info: dict[str, Any]) -> pa.Table:
@@ -124,56 +135,60 @@ def file_documents(
     if kind == "parquet":
         yield from _parquet_documents(chunker, uri, text_field, info)
     else:
-        data = read_bytes(uri)
-        info["bytes"] = len(data)
-        info["sha256"] = hashlib.sha256(data).hexdigest()
-        try:
-            decoded = clean.decode(data, uri, bad_utf8)
-        except clean.BinaryFileError:
-            if not skip_binary:
-                raise
-            info["skipped_binary"] = True
-            yield chunker.summary(info)
-            return
-        del data
-        info["replaced_chars"] = decoded.replaced
+        if skip_binary:
+            # a NUL byte anywhere skips the whole file, so look before the first document goes out
+            probe = clean.StreamDecoder(read_blocks(uri, READ_BLOCK_BYTES), uri, bad_utf8)
+            if probe.skim():
+                info.update(bytes=probe.size, sha256=probe.sha256, skipped_binary=True)
+                yield chunker.summary(info)
+                return
+        stream = clean.StreamDecoder(read_blocks(uri, READ_BLOCK_BYTES), uri, bad_utf8)
         if kind == "jsonl":
-            pieces: Any = clean.jsonl_texts(decoded.text, uri, text_field)
+            pieces: Any = clean.jsonl_line_texts(clean.split_lines(stream.texts()), uri, text_field)
         else:
-            pieces = enumerate(clean.split_text(decoded.text, txt_document))
-        for index, raw in pieces:
-            chunker.add(index, raw)
-            if chunker.full():
-                yield chunker.take()
+            pieces = enumerate(clean.txt_documents(stream.texts(), txt_document))
+        try:
+            for index, raw in pieces:
+                chunker.add(index, raw)
+                if chunker.full():
+                    yield chunker.take()
+        except clean.BinaryFileError:
+            raise
+        except DataError as error:
+            raise stream.outranking(error) from None
+        info.update(bytes=stream.size, sha256=stream.sha256, replaced_chars=stream.replaced)
     if chunker.text:
         yield chunker.take()
     yield chunker.summary(info)
 
 
 def _parquet_documents(chunker: _Chunker, uri: str, field: str, info: dict[str, Any]) -> Iterator[pa.Table]:
+    # the digest takes a sequential pass of its own: the parquet reader reads the footer first, then row groups
     digest = hashlib.sha256()
-    with open_input(uri) as handle:
-        data = handle.read()
-    digest.update(data)
-    info["bytes"] = len(data)
+    size = 0
+    for block in read_blocks(uri, READ_BLOCK_BYTES):
+        digest.update(block)
+        size += len(block)
+    info["bytes"] = size
     info["sha256"] = digest.hexdigest()
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{uri}: not a readable parquet file ({exc})") from None
-    names = parquet.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{uri}: no column {field!r} (columns: {', '.join(names)}); set data.text_field")
-    column_type = parquet.schema_arrow.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{uri}: column {field!r} has type {column_type}, expected a string column")
-    index = 0
-    for batch in parquet.iter_batches(columns=[field], batch_size=ROWS_PER_CHUNK):
-        for value in batch.column(0).to_pylist():
-            chunker.add(index, value)
-            index += 1
-            if chunker.full():
-                yield chunker.take()
+    with open_input(uri) as handle:
+        try:
+            parquet = pq.ParquetFile(handle, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{uri}: not a readable parquet file ({exc})") from None
+        names = parquet.schema_arrow.names
+        if field not in names:
+            raise DataError(f"{uri}: no column {field!r} (columns: {', '.join(names)}); set data.text_field")
+        column_type = parquet.schema_arrow.field(field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataError(f"{uri}: column {field!r} has type {column_type}, expected a string column")
+        index = 0
+        for batch in parquet.iter_batches(columns=[field], batch_size=ROWS_PER_CHUNK):
+            for value in batch.column(0).to_pylist():
+                chunker.add(index, value)
+                index += 1
+                if chunker.full():
+                    yield chunker.take()
 
 
 def read_stage(batch: dict[str, np.ndarray], **settings: Any) -> Iterator[pa.Table]:

@@ -9,7 +9,7 @@ train/val split of a document never depends on which other files are present.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -147,6 +147,15 @@ def read_bytes(uri: str) -> bytes:
     """The whole content of a file (local path or URI); errors name the file."""
     try:
         return storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from exc
+
+
+def read_blocks(uri: str, block_size: int) -> Iterator[bytes]:
+    """The content of a file (local path or URI) in consecutive blocks of at most ``block_size`` bytes; errors
+    name the file."""
+    try:
+        yield from storage.read_blocks(uri, block_size)
     except storage.StorageError as exc:
         raise DataError(str(exc)) from exc
 
