@@ -17,6 +17,7 @@ it knows nothing about HTTP or Ray.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import threading
@@ -73,6 +74,21 @@ class _Sequence:
         self.offset_base = 0  # len(prompt text) when echoing
 
 
+class _PromptScoring:
+    """An echo + logprobs sequence whose prompt is being scored, a bounded number of positions per step, before it
+    joins the running batch. Holds the prompt's final hidden states (not its logits), its own key/value cache, and
+    the next-token logits of its last position."""
+
+    def __init__(
+        self, seq: _Sequence, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor, last_logits: torch.Tensor
+    ) -> None:
+        self.seq = seq
+        self.hidden = hidden  # (T, d_model): position j's hidden state predicts prompt token j + 1
+        self.cache, self.mask, self.last_logits = cache, mask, last_logits
+        self.scored = 0  # positions done, of len(prompt) - 1
+        self.logprobs = Logprobs()
+
+
 class Engine:
     """Continuous-batching generator over one model. ``add`` and ``abort`` may be called from any thread while
     another thread runs ``step``."""
@@ -83,12 +99,16 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch_size: int = 8,
         device: str | torch.device | None = None,
+        prompt_logprobs_chunk: int = 64,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
+        if max_batch_size < 1 or prompt_logprobs_chunk < 1:
+            raise ValueError("max_batch_size and prompt_logprobs_chunk must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        # Prompt positions scored per step for echo + logprobs: bounds that work (and its logits, chunk x vocab) so
+        # the running batch keeps decoding while a long prompt is scored.
+        self.prompt_logprobs_chunk = prompt_logprobs_chunk
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.context_length = model.config.context_length
         self.eot_id = tokenizer.eot_id
@@ -98,6 +118,7 @@ class Engine:
         self._aborted: set[int] = set()
         self._running: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
+        self._scoring: deque[_PromptScoring] = deque()
         self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
 
@@ -149,11 +170,12 @@ class Engine:
             self._aborted.add(seq_id)
 
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._scoring)
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences holding a batch slot: decoding, or having their echoed prompt scored."""
+        return len(self._running) + len(self._scoring)
 
     @property
     def num_waiting(self) -> int:
@@ -164,19 +186,23 @@ class Engine:
         the failed step had taken from the queue to admit."""
         with self._lock:
             ids = [s.id for s in self._waiting] + [s.id for s in self._admitting] + [s.id for s in self._running]
+            ids += [p.seq.id for p in self._scoring]
             self._waiting.clear()
             self._aborted.clear()
         self._running, self._admitting, self._cache, self._mask = [], [], None, None
+        self._scoring.clear()
         return ids
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Decode one token for every running sequence, then admit waiting ones (their first token)."""
+        """Decode one token for every running sequence, admit waiting ones (their first token), then score the next
+        chunk of echoed prompts."""
         with self._lock:
             aborted, self._aborted = self._aborted, set()
             if aborted:
                 self._waiting = deque(s for s in self._waiting if s.id not in aborted)
-            free = self.max_batch_size - sum(1 for s in self._running if s.id not in aborted)
+                self._scoring = deque(p for p in self._scoring if p.seq.id not in aborted)
+            free = self.max_batch_size - sum(1 for s in self._running if s.id not in aborted) - len(self._scoring)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             self._admitting = admitted  # neither waiting nor running until the prefill is done
         if aborted:
@@ -187,6 +213,8 @@ class Engine:
         if admitted:
             deltas += self._prefill(admitted)
         self._admitting = []
+        if self._scoring:
+            deltas += self._score_prompts()
         return deltas
 
     def generate(
@@ -264,32 +292,71 @@ class Engine:
         for row, s in enumerate(seqs):
             ids[row, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, device=self.device)
             mask[row, width - len(s.prompt_ids) :] = 1
-        full = any(s.params.echo and s.params.logprobs is not None for s in seqs)
-        with contextlib.nullcontext() if full else _last_position_logits(self.model):
+        with _last_position_logits(self.model) as hidden:
             out = self.model(ids, use_cache=True, attention_mask=mask)
-        deltas = []
+        assert out.past_key_values is not None
+        deltas, keep = [], []
         for row, s in enumerate(seqs):
-            prompt_logits = out.logits[row, width - len(s.prompt_ids) :] if s.params.echo else None
-            delta = None if prompt_logits is None else self._echo(s, prompt_logits.float().cpu())
-            if s.budget == 0:
-                s.finish_reason = "length"
-                first = Delta(s.id, finish_reason="length")
-            else:
-                first = self._advance(s, out.logits[row, -1].float().cpu())
+            if s.params.echo and s.params.logprobs is not None and s.prompt_text != "":
+                index = torch.tensor([row], device=self.device)
+                cache = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values)
+                prompt_hidden = hidden[0][row, width - len(s.prompt_ids) :]
+                last = out.logits[row, -1].float().cpu()
+                self._scoring.append(_PromptScoring(s, prompt_hidden, cache, mask[row : row + 1], last))
+                continue
+            delta = self._echo(s) if s.params.echo else None
+            first = self._first_token(s, out.logits[row, -1].float().cpu())
             if delta is None:
                 delta = first
             else:
                 delta.merge(first)
             deltas.append(delta)
-        keep = [row for row, s in enumerate(seqs) if s.finish_reason is None]
+            if s.finish_reason is None:
+                keep.append(row)
         if keep:
             index = torch.tensor(keep, device=self.device)
-            assert out.past_key_values is not None
             self._merge(
                 tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values),
                 mask.index_select(0, index),
             )
             self._running += [seqs[row] for row in keep]
+        return deltas
+
+    def _first_token(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
+        if seq.budget == 0:  # max_tokens=0: the prompt only
+            seq.finish_reason = "length"
+            return Delta(seq.id, finish_reason="length")
+        return self._advance(seq, logits)
+
+    def _score_prompts(self) -> list[Delta]:
+        """Score up to ``prompt_logprobs_chunk`` prompt positions of the sequences being scored, oldest first; a
+        sequence whose prompt is done releases its echo and first token and joins the running batch."""
+        budget, deltas = self.prompt_logprobs_chunk, []
+        while self._scoring and budget > 0:
+            job = self._scoring[0]
+            seq, lp = job.seq, job.logprobs
+            positions = len(seq.prompt_ids) - 1
+            stop = min(positions, job.scored + budget)
+            if stop > job.scored:
+                logits = self.model.lm_head(job.hidden[job.scored : stop])
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                targets = torch.tensor(seq.prompt_ids[job.scored + 1 : stop + 1])
+                chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+                values, indices = torch.topk(logp, seq.params.logprobs or 0, dim=-1)
+                for value, top_values, top_ids in zip(chosen, values.tolist(), indices.tolist(), strict=True):
+                    lp.token_logprobs.append(value)
+                    lp.top_logprobs.append({self._token_str(i): v for v, i in zip(top_values, top_ids, strict=True)})
+                budget -= stop - job.scored
+                job.scored = stop
+            if job.scored < positions:
+                break
+            self._scoring.popleft()
+            delta = self._echo(seq, lp)
+            delta.merge(self._first_token(seq, job.last_logits))
+            deltas.append(delta)
+            if seq.finish_reason is None:
+                self._merge(job.cache, job.mask)
+                self._running.append(seq)
         return deltas
 
     def _merge(self, cache: KVCache, mask: torch.Tensor) -> None:
@@ -320,28 +387,32 @@ class Engine:
         top = {self._token_str(int(i)): float(v) for v, i in zip(values, indices, strict=True)}
         return _Entry(self._token_str(token), float(logp[token]), top)
 
-    def _echo(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
-        """The prompt as the first output (``logits``: the prompt rows of the prefill)."""
+    def _echo(self, seq: _Sequence, scores: Logprobs | None = None) -> Delta:
+        """The prompt as the first output; ``scores``: its token logprobs from the second token on (with logprobs)."""
         text = seq.prompt_text if seq.prompt_text is not None else self.tokenizer.decode(seq.prompt_ids)
         seq.offset_base = len(text)
         delta = Delta(seq.id, text=text, token_ids=list(seq.prompt_ids) if seq.prompt_text != "" else [])
         if seq.params.logprobs is not None:
             lp = Logprobs()
             if seq.prompt_text != "":
-                offset = 0
-                for j, token in enumerate(seq.prompt_ids):
-                    lp.tokens.append(self._token_str(token))
-                    lp.text_offset.append(offset)
-                    offset = len(self.tokenizer.decode(seq.prompt_ids[: j + 1]))
-                    if j == 0:
-                        lp.token_logprobs.append(None)
-                        lp.top_logprobs.append(None)
-                    else:
-                        entry = self._entry(logits[j - 1], token, seq.params.logprobs)
-                        lp.token_logprobs.append(entry.logprob)
-                        lp.top_logprobs.append(entry.top)
+                assert scores is not None
+                lp.tokens = [self._token_str(token) for token in seq.prompt_ids]
+                lp.text_offset = self._offsets(seq.prompt_ids)
+                lp.token_logprobs = [None, *scores.token_logprobs]
+                lp.top_logprobs = [None, *scores.top_logprobs]
             delta.logprobs = lp
         return delta
+
+    def _offsets(self, ids: list[int]) -> list[int]:
+        """Each token's start in the decoded text, ``len(decode(ids[:j]))``, in one pass: the characters decoded so
+        far, plus the one replacement character that a pending incomplete UTF-8 sequence decodes to."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, chars = [], 0
+        for token in ids:
+            pending = decoder.getstate()[0]
+            offsets.append(chars + (1 if pending else 0))
+            chars += len(decoder.decode(self.tokenizer.decode_bytes([token])))
+        return offsets
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
         """Sample the next token of ``seq`` from ``logits`` (V,), update its text, return what to release."""
@@ -408,12 +479,19 @@ class Engine:
 
 
 @contextlib.contextmanager
-def _last_position_logits(model: GPT) -> Iterator[None]:
+def _last_position_logits(model: GPT) -> Iterator[list[torch.Tensor]]:
     """Within the block, the LM head only sees the last position: a prefill needs the next-token logits of each
-    row (rows are left padded, so the last column is every row's last token), not ``(B, T, vocab)`` of them."""
-    handle = model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+    row (rows are left padded, so the last column is every row's last token), not ``(B, T, vocab)`` of them. The
+    list it yields receives the LM head's full input, the final hidden states ``(B, T, d_model)``."""
+    hidden: list[torch.Tensor] = []
+
+    def last_position(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        hidden.append(args[0])
+        return (args[0][:, -1:],)
+
+    handle = model.lm_head.register_forward_pre_hook(last_position)
     try:
-        yield
+        yield hidden
     finally:
         handle.remove()
 

@@ -258,3 +258,50 @@ def test_a_failed_step_leaves_no_sequence_unaccounted_for(engine: Engine, prompt
     assert sorted(engine.reset()) == sorted([running, *waiting])
     assert not engine.has_work()
     assert engine.generate([prompt_ids[0]], GREEDY)[0].token_ids  # and the engine serves the next request
+
+
+def test_echo_logprobs_are_computed_in_bounded_chunks_between_other_requests() -> None:
+    """Scoring a long echoed prompt computes only that prompt's logits, a bounded number of positions per step, so
+    a short request beside it finishes within a few steps; the scores and offsets equal a direct computation."""
+    cfg = GPTConfig(vocab_size=50257, context_length=1024, n_layer=1, n_head=1, d_model=16)
+    model = peaky_model(cfg, seed=3)
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    text = "naïve café, 東京の夜 😀; ROMEO: O, she doth teach the torches to burn bright! " * 40
+    heavy = tokenizer.encode(text)[:1000]
+    light = tokenizer.encode("ROMEO:")
+    rows_per_call: list[int] = []
+    handle = model.lm_head.register_forward_hook(  # rows of logits each LM-head call computes
+        lambda _m, _args, out: rows_per_call.append(out.numel() // out.shape[-1])
+    )
+    try:
+        heavy_ids = [
+            engine.add(heavy, SamplingParams(max_tokens=1, temperature=0, logprobs=2, echo=True)) for _ in range(4)
+        ]
+        light_id = engine.add(light, SamplingParams(max_tokens=2, temperature=0))
+        finished_at: dict[int, int] = {}
+        merged: dict[int, Delta] = {}
+        step = 0
+        while engine.has_work():
+            step += 1
+            for delta in engine.step():
+                merged.setdefault(delta.seq_id, Delta(delta.seq_id)).merge(delta)
+                if delta.finish_reason is not None:
+                    finished_at[delta.seq_id] = step
+    finally:
+        handle.remove()
+    assert finished_at[light_id] <= 3, finished_at
+    assert min(finished_at[i] for i in heavy_ids) > 10  # the scoring really was spread over many steps
+    assert max(rows_per_call) <= 64, max(rows_per_call)  # never (batch x prompt) rows of 50,257 logits
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([heavy])).logits[0].float(), dim=-1)
+    for seq_id in heavy_ids:
+        lp = merged[seq_id].logprobs
+        assert lp is not None and len(lp.tokens) == len(heavy) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        expected = [float(logp[j - 1, heavy[j]]) for j in range(1, len(heavy))]
+        assert lp.token_logprobs[1 : len(heavy)] == pytest.approx(expected, abs=1e-5)
+        assert all(top is not None and len(top) == 2 for top in lp.top_logprobs[1:])
+        offsets = [len(tokenizer.decode(heavy[:j])) for j in range(len(heavy))]
+        assert lp.text_offset[: len(heavy)] == offsets
