@@ -100,6 +100,22 @@ def latest_checkpoint(layout: RunLayout, stage: Stage) -> tuple[str, int] | None
     return best
 
 
+def registered(layout: RunLayout, stage: Stage) -> Any | None:
+    """Ray Train's own record of the stage's experiment: a ``ray.train.Result`` whose checkpoint is the newest its
+    controller registered (the one a new fit resumes from) and whose metrics are that checkpoint's report; None
+    before the first registered checkpoint."""
+    from ray.train import Result
+
+    experiment = layout.experiment(stage)
+    if not storage.exists(experiment):
+        return None
+    try:
+        result = Result.from_path(experiment)
+    except RuntimeError:  # a folder without Ray Train's snapshot: nothing was registered
+        return None
+    return result if result.checkpoint is not None else None
+
+
 def check_resumable(layout: RunLayout, plan: TrainPlan, fresh: bool) -> None:
     """Resuming needs checkpoints of the same model, data and world size; otherwise refuse (or start over with
     ``fresh``). An experiment folder without any checkpoint holds nothing worth keeping."""

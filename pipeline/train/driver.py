@@ -3,7 +3,8 @@
 ``raygpt pretrain`` and ``raygpt finetune`` call :func:`pretrain` and :func:`finetune`. Everything a user can get
 wrong (no dataset, a dataset that does not fit the model, checkpoints of another model) is caught before any
 worker starts (:func:`pipeline.train.plan.make_plan`, :func:`pipeline.train.checkpoint.check_resumable`). Starting
-the same run again resumes from its latest checkpoint; a finished run is skipped.
+the same run again resumes from its latest checkpoint; a run already trained to its last step is not trained
+again (a rerun after a failed export or scoring only exports and scores); a finished run is skipped.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
     checkpoint.write_stage_state(
         layout, stage, {"status": "running", "fingerprint": plan.fingerprint(), "plan": plan.to_json()}
     )
+    previous = checkpoint.registered(layout, stage)
+    if previous is not None and int(previous.metrics.get("step", 0)) >= plan.max_steps:
+        # trained to the end by an earlier invocation that failed afterwards (export, scoring): train no more
+        print(f"raygpt {stage}: already trained ({plan.max_steps} steps); exporting its last checkpoint")
+        return plan, None, previous
     print(
         f"raygpt {stage}: {plan.num_workers} workers x micro-batch {plan.micro_batch_size} x accumulation "
         f"{plan.grad_accum} = {plan.tokens_per_step} tokens/step, {plan.max_steps} steps, lr {plan.learning_rate:g}"
@@ -182,14 +188,16 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
         return cached
     assert plan.init_export is not None
     examples = heldout_examples(load_dataset_manifest(config, "finetune"))
-    before = exact_match(plan.init_export, examples)
-    summary: dict[str, Any] = {"stage": "finetune", "init_from": plan.init_export, "exact_match_before": before}
+    summary: dict[str, Any] = {"stage": "finetune", "init_from": plan.init_export}
     summary = _finish(config, plan, result, summary, None)
     target = RunLayout.of(config).stage_export("finetune")
     summary["export"] = consolidate(
         summary["checkpoint"], plan, target, {"stage": "finetune", "steps": summary["steps"], "from": plan.init_export}
     )
-    summary["exact_match_after"] = exact_match(target, examples)
+    # scored only once exported: a scoring failure leaves the trained model in place, and a rerun only scores
+    scoring = {"context_length": plan.context_length}
+    before = summary["exact_match_before"] = exact_match(plan.init_export, examples, **scoring)
+    summary["exact_match_after"] = exact_match(target, examples, **scoring)
     checkpoint.write_stage_state(RunLayout.of(config), "finetune", _complete_state(plan, summary))
     print(
         f"raygpt finetune: {summary['steps']} steps; completion-only val loss {summary['val_loss']:.3f}; held-out "
