@@ -195,7 +195,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
         summary["checkpoint"], plan, target, {"stage": "finetune", "steps": summary["steps"], "from": plan.init_export}
     )
     # scored only once exported: a scoring failure leaves the trained model in place, and a rerun only scores
-    scoring = {"context_length": plan.context_length}
+    scoring = {"context_length": plan.context_length, "tokenizer_file": config.data.tokenizer_file}
     before = summary["exact_match_before"] = exact_match(plan.init_export, examples, **scoring)
     summary["exact_match_after"] = exact_match(target, examples, **scoring)
     checkpoint.write_stage_state(RunLayout.of(config), "finetune", _complete_state(plan, summary))

@@ -1,10 +1,11 @@
 """Fine-tuning's held-out scoring through the driver, for real (Ray Train + DeepSpeed, 2 CPU workers, nano model):
-the export is written before any scoring, a rerun after a scoring failure only scores, and a held-out prompt
-longer than the context is scored."""
+the export is written before any scoring, a rerun after a scoring failure only scores, a held-out prompt longer
+than the context is scored, and scoring loads the tokenizer the data stage used (``data.tokenizer_file``)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from helpers.ray_state import live_actors
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.layout import RunLayout, is_complete_export
+from pipeline.model import tokenizer as tokenizer_module
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "finetune"
@@ -84,3 +86,29 @@ def test_export_is_written_before_scoring_and_a_rerun_only_scores(
     before, after = summary["exact_match_before"], summary["exact_match_after"]
     assert before["n"] == after["n"] == HELDOUT + 1  # the long prompt is scored too
     assert finetune(config)["cached"]
+
+
+def test_scoring_uses_the_data_tokenizer_file(
+    tmp_path: Path, inputs: Path, exports: dict[str, str], ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoding that is not shipped is found only through ``data.tokenizer_file``: here r50k_base, with the
+    shipped copy out of reach of this (the driver's) process."""
+    from pipeline.data.finetune import tokenize_finetune
+    from pipeline.train.driver import finetune
+
+    own = tmp_path / "tokenizers" / "r50k_base.tiktoken"
+    own.parent.mkdir()
+    shutil.copy(tokenizer_module.ASSETS_DIR / "r50k_base.tiktoken", own)
+    monkeypatch.setattr(tokenizer_module, "ASSETS_DIR", tmp_path / "nothing-shipped")
+    monkeypatch.delenv(tokenizer_module.TOKENIZER_DIR_ENV, raising=False)
+    tokenizer_module.clear_cache()
+    try:
+        with pytest.raises(tokenizer_module.TokenizerError, match="not found"):
+            tokenizer_module.get_tokenizer()
+        config = _config(tmp_path / "run", inputs, exports["a"], f"data.tokenizer_file={own}")
+        tokenize_finetune(config)
+        summary = finetune(config)
+        assert summary["exact_match_before"]["n"] == summary["exact_match_after"]["n"] == HELDOUT + 1
+    finally:
+        monkeypatch.undo()
+        tokenizer_module.clear_cache()
