@@ -66,9 +66,10 @@ def _submit(head: LocalHead, entrypoint: list[str]) -> str:
     return submission_id
 
 
-def _get(url: str) -> int | None:
+def _get(url: str, key: str | None = None) -> int | None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -80,7 +81,10 @@ def _get(url: str) -> int | None:
 def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Path) -> None:
     corpus, finetune = _workspace(tmp_path)
     (serve_port,) = free_ports(1)
-    head = LocalHead(num_cpus=2, auth=True)
+    # The documented way to give serving jobs the API key: RAYGPT_API_KEY in the environment of the head's
+    # `ray start` (cluster.yaml reads it from a file); a job's runtime_env env_vars would land in Ray's logs.
+    api_key = f"sk-raygpt-{uuid.uuid4().hex}"
+    head = LocalHead(num_cpus=2, auth=True, extra_env={"RAYGPT_API_KEY": api_key})
     try:
         head.start()
         # Invisible to the rest of the suite: not in this process's RAY_ADDRESS, and not the "latest cluster" that
@@ -113,8 +117,9 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         assert isinstance(summary["serve"]["sample_completion"], str)
         assert summary["serve"]["url"] == f"http://127.0.0.1:{serve_port}"
 
-        # The job has ended; the endpoint it deployed stays up on the cluster ...
-        assert _get(f"http://127.0.0.1:{serve_port}/v1/models") == 200
+        # The job has ended; the endpoint it deployed stays up on the cluster, and the key reached it ...
+        assert _get(f"http://127.0.0.1:{serve_port}/v1/models") == 401
+        assert _get(f"http://127.0.0.1:{serve_port}/v1/models", api_key) == 200
         # ... until a second job removes it.
         stop_id = _submit(
             head, ["python", "jobs/serve.py", "--stop", *_tiny_overrides(tmp_path, corpus, finetune, serve_port)]
@@ -128,10 +133,11 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
 
         # The token authenticates every call above, yet no log holds it: not the jobs' logs, nor any file the
         # head's processes wrote (session logs, job logs, runtime envs), only the token file itself.
-        assert head.token not in logs
-        token = head.token.encode()
-        leaked = [p for p in head.root.rglob("*") if p.is_file() and p != head.token_path and token in p.read_bytes()]
-        assert leaked == [], f"the Ray auth token was written to {leaked}"
+        assert head.token not in logs and api_key not in logs
+        for secret in (head.token.encode(), api_key.encode()):
+            files = [p for p in head.root.rglob("*") if p.is_file() and p != head.token_path]
+            leaked = [p for p in files if secret in p.read_bytes()]
+            assert leaked == [], f"a secret was written to {leaked}"
     finally:
         head.stop()
     assert tagged_pids(head.tag) == []
