@@ -23,8 +23,13 @@ from pipeline.train.plan import TrainError, TrainPlan, load_dataset_manifest, ma
 __all__ = ["TrainError", "finetune", "pretrain", "run_trainer"]
 
 
-def run_trainer(config: PipelineConfig, plan: TrainPlan) -> Any:
-    """Run (or resume) the Ray Train job for ``plan``; returns Ray's Result."""
+def run_trainer(config: PipelineConfig, plan: TrainPlan, stop_at: int | None = None) -> Any:
+    """Run (or resume) the Ray Train job for ``plan`` up to step ``stop_at`` (default: the plan's last); returns
+    Ray's Result.
+
+    ``stop_at`` is absolute and travels in the loop config, which Ray Train hands unchanged to every worker group
+    it starts: a group restarted after a failure (``train.max_failures``) from a later checkpoint stops where the
+    invocation was told to, not ``stop_after_steps`` past its restore point."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -38,7 +43,7 @@ def run_trainer(config: PipelineConfig, plan: TrainPlan) -> Any:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan.to_json(), "stop_after_steps": config.train.stop_after_steps},
+        train_loop_config={"plan": plan.to_json(), "stop_at": plan.max_steps if stop_at is None else stop_at},
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
         ),
@@ -88,7 +93,8 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
         layout, stage, {"status": "running", "fingerprint": plan.fingerprint(), "plan": plan.to_json()}
     )
     previous = checkpoint.registered(layout, stage)
-    if previous is not None and int(previous.metrics.get("step", 0)) >= plan.max_steps:
+    start = int(previous.metrics.get("step", 0)) if previous is not None else 0  # where Ray Train resumes
+    if previous is not None and start >= plan.max_steps:
         # trained to the end by an earlier invocation that failed afterwards (export, scoring): train no more
         print(f"raygpt {stage}: already trained ({plan.max_steps} steps); exporting its last checkpoint")
         return plan, None, previous
@@ -96,7 +102,8 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
         f"raygpt {stage}: {plan.num_workers} workers x micro-batch {plan.micro_batch_size} x accumulation "
         f"{plan.grad_accum} = {plan.tokens_per_step} tokens/step, {plan.max_steps} steps, lr {plan.learning_rate:g}"
     )
-    result = run_trainer(config, plan)
+    stop_after = config.train.stop_after_steps
+    result = run_trainer(config, plan, min(plan.max_steps, start + stop_after) if stop_after else plan.max_steps)
     step = int(result.metrics.get("step", 0))
     if step < plan.max_steps:  # train.stop_after_steps ended this invocation early
         summary = {"stage": stage, "status": "paused", "steps": step, "checkpoint": checkpoint_location(layout, result)}

@@ -34,7 +34,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # torch.distributed's deprecation notices (raised inside DeepSpeed) would repeat on every step
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     plan = TrainPlan.from_json(loop_config["plan"])
-    stop_after = loop_config.get("stop_after_steps")
+    stop_at = int(loop_config["stop_at"])  # absolute, fixed by the driver once per invocation
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
@@ -66,7 +66,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress = _progress_bar(plan, step) if rank == 0 else None
     last_val: dict[str, float] = {}
 
-    stop_at = min(plan.max_steps, step + stop_after) if stop_after else plan.max_steps
     while step < stop_at:
         engine.train()
         started = time.perf_counter()
