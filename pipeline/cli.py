@@ -134,7 +134,7 @@ def serve(args: Args) -> int:
     """Start the OpenAI-compatible endpoint on Ray Serve (blocking unless --detach), or stop it (--stop)."""
     import os
 
-    from pipeline.serve.deploy import curl_example, deploy, serve_forever, shutdown
+    from pipeline.serve.deploy import APP_NAME, curl_example, deploy, serve_forever, shutdown
 
     config = _config(args)
     if (args.detach or args.stop) and not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
@@ -147,7 +147,7 @@ def serve(args: Args) -> int:
 
         connect(config.run)
         shutdown()
-        print("raygpt serve: application deleted and Serve stopped")
+        print(f"raygpt serve: application {APP_NAME!r} deleted (other Serve applications are left running)")
         return 0
     url = deploy(config, args.export)
     print(f"\nraygpt: serving {config.serve.model_name!r} at {url}  (OpenAI API: {url}/v1, docs: {url}/docs)")
@@ -328,7 +328,7 @@ COMMANDS: dict[str, Command] = {
         (
             opt("--export", metavar="DIR", help=EXPORT_HELP),
             opt("--detach", action="store_true", help="return once up, leaving it on the Ray cluster"),
-            opt("--stop", action="store_true", help="delete the application and stop Serve"),
+            opt("--stop", action="store_true", help="delete the raygpt application (only it)"),
         ),
     ),
 }

@@ -137,13 +137,32 @@ def deploy(config: Any, export: str | None = None) -> str:
 
     app = build_app(config, resolve_export(config, export))
     connect(config.run)
+    check_binding(config)
     serve.start(http_options=http_options(config))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return base_url(config)
 
 
+def check_binding(config: Any) -> None:
+    """Serve's HTTP proxy keeps the host and port it started with for the life of the cluster's Serve instance
+    (``serve.start`` ignores new ones): refuse to deploy when they differ from ``serve.host``/``serve.port``,
+    rather than announce a URL that does not answer."""
+    from ray.serve.context import _get_global_client  # the one way to read a running instance's HTTP options
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    running = client.http_config
+    if (running.host, running.port) != (config.serve.host, config.serve.port):
+        raise ConfigError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy at {running.host}:{running.port}; it cannot "
+            f"move to serve.host={config.serve.host!r}, serve.port={config.serve.port} while it runs. Set serve.host "
+            "and serve.port to match, or stop that Serve instance first."
+        )
+
+
 def serve_forever(poll_s: float = 1.0) -> None:
-    """Block until Ctrl-C, then delete the application and stop Serve."""
+    """Block until Ctrl-C, then delete the application (:func:`shutdown`)."""
     try:
         while True:
             time.sleep(poll_s)
@@ -154,15 +173,18 @@ def serve_forever(poll_s: float = 1.0) -> None:
 
 
 def shutdown() -> None:
-    """Delete the ``raygpt`` application and stop Serve (the Ray cluster itself keeps running). Safe to call
-    twice or when Serve is not running."""
+    """Delete the ``raygpt`` application, and only it: other applications on a shared cluster keep running. Serve
+    itself stops once no application is left (the Ray cluster keeps running). Safe to call twice or when Serve is
+    not running."""
     from ray.serve.exceptions import RayServeException
 
     try:
         serve.delete(APP_NAME)
+        remaining = serve.status().applications
     except RayServeException:  # no Serve instance running
         return
-    serve.shutdown()
+    if not remaining:
+        serve.shutdown()
 
 
 def curl_example(config: Any, url: str | None = None) -> str:
