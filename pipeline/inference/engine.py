@@ -9,7 +9,8 @@ is always the longest live sequence (which never exceeds the context length).
 
 Sampling is per sequence (:mod:`pipeline.inference.sampling`). Stop strings are matched on the decoded text; the
 returned text ends before the stop string, and streamed text is held back while it could still be the start of one.
-``<|endoftext|>`` ends a sequence (finish_reason ``stop``) and is not part of its text.
+``<|endoftext|>`` ends a sequence (finish_reason ``stop``) and is not part of its text; with logprobs it is the last
+entry of the logprobs, as OpenAI and vLLM return it (it was generated, and counts in ``completion_tokens``).
 
 ``raygpt generate``, fine-tune scoring and the Serve replicas (:mod:`pipeline.serve.replica`) all run this engine;
 it knows nothing about HTTP or Ray.
@@ -64,6 +65,7 @@ class _Sequence:
         self.generated = 0
         self.ends: list[int] = []  # decoded length after each id
         self.entries: list[_Entry] = []
+        self.eot_entry: _Entry | None = None  # the <|endoftext|> that ended it: in the logprobs, not the text
         self.raw = b""  # UTF-8 bytes of ``ids``
         self.text = ""
         self.released_chars = 0
@@ -422,6 +424,8 @@ class Engine:
         seq.next_token = token
         if token == self.eot_id and p.stop_at_eot:
             seq.finish_reason = "stop"
+            if p.logprobs is not None:
+                seq.eot_entry = self._entry(logits, token, p.logprobs)
         else:
             seq.ids.append(token)
             if p.logprobs is not None:
@@ -473,6 +477,12 @@ class Engine:
                 lp.token_logprobs.append(entry.logprob)
                 lp.top_logprobs.append(entry.top)
                 lp.text_offset.append(seq.offset_base + _start(seq, i))
+            if seq.eot_entry is not None:  # released once, last, at the end of the text
+                entry, seq.eot_entry = seq.eot_entry, None
+                lp.tokens.append(entry.token)
+                lp.token_logprobs.append(entry.logprob)
+                lp.top_logprobs.append(entry.top)
+                lp.text_offset.append(seq.offset_base + len(text))
             delta.logprobs = lp
         seq.released_chars, seq.released_tokens = releasable, n_tokens
         return delta

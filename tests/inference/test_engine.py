@@ -305,3 +305,44 @@ def test_echo_logprobs_are_computed_in_bounded_chunks_between_other_requests() -
         assert all(top is not None and len(top) == 2 for top in lp.top_logprobs[1:])
         offsets = [len(tokenizer.decode(heavy[:j])) for j in range(len(heavy))]
         assert lp.text_offset[: len(heavy)] == offsets
+
+
+def _eot_model() -> GPT:
+    """A model whose greedy next token is <|endoftext|> after every prompt: the final layer norm outputs a constant
+    vector v (weight 0, bias v), and <|endoftext|>'s (tied) embedding is a large multiple of v."""
+    model = peaky_model(seed=5)
+    eot = get_tokenizer().eot_id
+    with torch.no_grad():
+        v = torch.randn(CFG.d_model)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(v)
+        model.transformer.wte.weight[eot] = 5 * v
+    return model
+
+
+def test_a_generated_endoftext_is_in_the_logprobs_but_not_the_text() -> None:
+    """As OpenAI and vLLM return it: a completion ended by <|endoftext|> lists that token (and its logprob) as its
+    last logprobs entry while the text leaves it out. Harnesses rely on it: lm-eval scores a continuation as
+    token_logprobs[ctxlen:-1] of an echo + max_tokens=1 request, dropping the last entry as the generated one."""
+    tokenizer = get_tokenizer()
+    engine = Engine(_eot_model(), tokenizer, max_batch_size=2)
+    prompt = tokenizer.encode("To be, or not to be")
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=1, echo=True)
+    completion = engine.generate([prompt], params)[0]
+    lp = completion.logprobs
+    assert completion.finish_reason == "stop" and completion.text == "To be, or not to be"
+    assert lp is not None and len(lp.tokens) == len(prompt) + 1
+    assert lp.tokens[-1] == "<|endoftext|>" and lp.text_offset[-1] == len(completion.text)
+    assert lp.token_logprobs[-1] is not None and lp.top_logprobs[-1] == {"<|endoftext|>": lp.token_logprobs[-1]}
+    assert completion.completion_tokens == 1
+    # the continuation's score is the prompt's own entries, whatever was generated after it
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    ctxlen = 2
+    expected = sum(float(logp[j - 1, prompt[j]]) for j in range(ctxlen, len(prompt)))
+    assert sum(lp.token_logprobs[ctxlen:-1]) == pytest.approx(expected, rel=1e-5)
+
+    # streamed the same way, and without echo the one entry is the <|endoftext|>
+    plain = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, logprobs=0))[0]
+    assert plain.text == "" and plain.logprobs is not None and plain.logprobs.tokens == ["<|endoftext|>"]
+    assert plain.logprobs.text_offset == [0]
