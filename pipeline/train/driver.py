@@ -5,6 +5,15 @@ wrong (no dataset, a dataset that does not fit the model, checkpoints of another
 worker starts (:func:`pipeline.train.plan.make_plan`, :func:`pipeline.train.checkpoint.check_resumable`). Starting
 the same run again resumes from its latest checkpoint; a run already trained to its last step is not trained
 again (a rerun after a failed export or scoring only exports and scores); a finished run is skipped.
+
+A run that diverges (a non-finite loss, gradient norm or validation loss, or weights that give a non-finite loss:
+:func:`pipeline.train.worker.divergence`) stops on every rank before it checkpoints the diverged step, so Ray
+Train's newest checkpoint is still the last good one, whatever ``train.num_to_keep``. The run fails at once with
+a :class:`TrainError` naming the step and the value; it is not retried (``train.max_failures`` is for failures of
+workers, and a divergence repeats deterministically). The stage state records it: starting the stage again with
+the same plan is refused before any worker starts, since it would replay the same steps from the same
+checkpoint; with any setting of the plan changed (a lower learning rate, more warmup, tighter clipping) it
+resumes from the last good checkpoint; ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -60,9 +69,42 @@ def run_trainer(config: PipelineConfig, plan: TrainPlan, stop_at: int | None = N
         raise TrainError(f"{plan.stage} failed: {_root_cause(exc)}") from exc
     if getattr(result, "error", None):
         raise TrainError(f"{plan.stage} failed: {_root_cause(result.error)}")
-    if result.checkpoint is None:
+    if result.checkpoint is None and diverged(result) is None:
         raise TrainError(f"{plan.stage} finished without a checkpoint")
     return result
+
+
+def diverged(result: Any) -> dict[str, Any] | None:
+    """The divergence the workers stopped at (step, what, value), or None when they did not."""
+    return (getattr(result, "return_value", None) or {}).get("diverged")
+
+
+def _stop_diverged(layout: RunLayout, plan: TrainPlan, divergence: dict[str, Any], result: Any) -> None:
+    """Record a divergence in the stage state and fail with it. Nothing after the diverged step was
+    checkpointed, so Ray Train's newest checkpoint (``result.checkpoint``) is the last good one."""
+    kept = checkpoint_location(layout, result) if result.checkpoint is not None else None
+    kept_step = int(result.metrics.get("step", 0)) if kept else 0
+    record = {**divergence, "checkpoint": kept, "checkpoint_step": kept_step}
+    checkpoint.write_stage_state(
+        layout,
+        plan.stage,
+        {"status": "diverged", "fingerprint": plan.fingerprint(), "plan": plan.to_json(), "diverged": record},
+    )
+    resume = f"resume from the checkpoint at step {kept_step} ({kept})" if kept else "start over"
+    raise TrainError(
+        f"{plan.stage} diverged at step {divergence['step']}: {divergence['what']} is {divergence['value']}; "
+        f"nothing after step {kept_step} was checkpointed. The same settings would repeat these steps: change them "
+        f"(e.g. a lower learning rate) to {resume}, or pass --fresh to start over"
+    )
+
+
+def _refuse_repeat(stage: Stage, state: dict[str, Any]) -> None:
+    record = state["diverged"]
+    raise TrainError(
+        f"{stage} diverged at step {record['step']} ({record['what']} is {record['value']}) with these settings, "
+        f"which would repeat the same steps from the checkpoint at step {record['checkpoint_step']}: change them "
+        "(e.g. a lower learning rate) to resume from that checkpoint, or pass --fresh to start over"
+    )
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -88,6 +130,8 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
     if up_to_date:
         print(f"raygpt {stage}: up to date ({plan.max_steps} steps, export at {target}); skipping")
         return plan, {**state["summary"], "cached": True}, None
+    if not fresh and state is not None and state.get("status") == "diverged" and state.get("plan") == plan.to_json():
+        _refuse_repeat(stage, state)
     checkpoint.check_resumable(layout, plan, fresh)
     checkpoint.write_stage_state(
         layout, stage, {"status": "running", "fingerprint": plan.fingerprint(), "plan": plan.to_json()}
@@ -104,6 +148,9 @@ def _train(config: PipelineConfig, stage: Stage, fresh: bool) -> tuple[TrainPlan
     )
     stop_after = config.train.stop_after_steps
     result = run_trainer(config, plan, min(plan.max_steps, start + stop_after) if stop_after else plan.max_steps)
+    divergence = diverged(result)
+    if divergence is not None:
+        _stop_diverged(layout, plan, divergence, result)
     step = int(result.metrics.get("step", 0))
     if step < plan.max_steps:  # train.stop_after_steps ended this invocation early
         summary = {"stage": stage, "status": "paused", "steps": step, "checkpoint": checkpoint_location(layout, result)}

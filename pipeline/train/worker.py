@@ -2,11 +2,15 @@
 
 The loop reads: build the engine (:mod:`.deepspeed`), restore (:mod:`.checkpoint`), then per step take this rank's
 micro-batches (:mod:`.batches`), step, log the metrics (:mod:`.metrics`), evaluate (:mod:`.evaluate`) and
-checkpoint. DeepSpeed is imported here, inside the worker, never on the driver (ray #50406).
+checkpoint. A step whose loss, gradient norm or validation loss is not finite, or whose weights give a non-finite
+loss on the next batch, diverged (:func:`divergence`): every rank stops before checkpointing it, and the loop
+returns the divergence for the driver to report. DeepSpeed is imported here, inside the worker, never on the
+driver (ray #50406).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +29,7 @@ from pipeline.train.metrics import MetricsLog, measure_peak_flops
 from pipeline.train.plan import TrainPlan
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import deepspeed
     import ray
     import ray.train
@@ -66,6 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress = _progress_bar(plan, step) if rank == 0 else None
     last_val: dict[str, float] = {}
 
+    diverged: dict[str, Any] | None = None
     while step < stop_at:
         engine.train()
         started = time.perf_counter()
@@ -76,9 +81,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(output.loss)
             engine.step()
             count = int((targets != IGNORE).sum())
-            loss_sum += float(output.loss.detach()) * count
+            if count:  # a micro-batch without targets has a NaN mean loss that carries no information
+                loss_sum += float(output.loss.detach()) * count
             loss_count += count
-        loss_sum, loss_count = all_reduce_sum([loss_sum, float(loss_count)], device)
+        grad_norm = _float(engine.get_global_grad_norm())
+        # all-reduced, so every rank sees the same values and takes the same divergence decision below
+        loss_sum, loss_count, grad_norm_sum = all_reduce_sum([loss_sum, float(loss_count), grad_norm or 0.0], device)
         step += 1
         consumed += plan.global_batch
         tokens_seen += int(loss_count)
@@ -89,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "tokens": tokens_seen,
             "loss": loss_sum / max(loss_count, 1.0),
             "lr": float(engine.get_lr()[0]),
-            "grad_norm": _float(engine.get_global_grad_norm()),
+            "grad_norm": None if grad_norm is None else grad_norm_sum / world,
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed,
             "mfu": token_flops * tokens_per_s / (peak_flops * world) if peak_flops else None,
@@ -101,7 +109,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if progress is not None:
             progress.update(1)
             progress.set_description(f"{plan.stage} loss {row['loss']:.3f}")
-        if step % plan.checkpoint_every == 0 or step == stop_at:
+        checkpoint_due = step % plan.checkpoint_every == 0 or step == stop_at
+        diverged = divergence(row, next_loss(engine, batches, consumed, device) if checkpoint_due else None)
+        if diverged is not None:
+            if rank == 0:
+                print(f"raygpt {plan.stage}: diverged at step {step}: {diverged['what']} is {diverged['value']}")
+            break
+        if checkpoint_due:
             report = {
                 "step": step,
                 "loss": row["loss"],
@@ -117,6 +131,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if progress is not None:
         progress.close()
     dist.barrier()
+    # Ray Train hands rank 0's return value to the driver, which fails the run with it (a deterministic divergence
+    # is not raised here: Ray Train would retry a raised error up to train.max_failures times)
+    return {"diverged": diverged} if diverged is not None else None
+
+
+def divergence(row: dict[str, Any], next_loss: float | None) -> dict[str, Any] | None:
+    """Why the step logged as ``row`` diverged, or None: its loss, gradient norm or validation loss is not finite,
+    or (``next_loss``, measured before a checkpoint) the weights it produced give a non-finite loss. Every value
+    is all-reduced, so all ranks decide alike and none is left waiting in a collective."""
+    checks = [
+        ("loss", row["loss"]),
+        ("gradient norm", row.get("grad_norm")),
+        ("validation loss", row.get("val_loss")),
+        ("the loss of the weights it produced (on the next batch)", next_loss),
+    ]
+    for what, value in checks:
+        if value is not None and not math.isfinite(value):
+            return {"step": row["step"], "what": what, "value": str(value)}
+    return None
+
+
+def next_loss(engine: Any, batches: Any, consumed: int, device: torch.device) -> float:
+    """Mean loss (all ranks) of the current weights on the next step's first micro-batch, in eval mode without
+    gradients: finite weights can still be poisoned (large enough to overflow the next forward pass), and a
+    checkpoint of them would be no good one to resume from. Costs one forward pass per checkpoint."""
+    engine.eval()
+    with torch.no_grad():
+        inputs, targets = batches.micro_batch(consumed, 0)
+        output = engine(inputs.to(device), targets.to(device))
+    count = int((targets != IGNORE).sum())
+    total, count_all = all_reduce_sum([float(output.loss) * count if count else 0.0, float(count)], device)
+    engine.train()
+    return total / count_all if count_all else 0.0
 
 
 def _float(value: Any) -> float | None:
