@@ -250,11 +250,11 @@ def split_lines(pieces: Iterable[str]) -> Iterator[str]:
     yield "".join(partial)
 
 
-def normalized(pieces: Iterable[str]) -> Iterator[str]:
-    """A text given in pieces with a leading byte-order mark removed and ``\\r\\n`` and ``\\r`` turned into
-    ``\\n``, as :func:`split_text` does to a whole text (a ``\\r`` ending a piece waits for the next one, which may
-    start with ``\\n``)."""
-    at_start, held = True, ""
+def normalized(pieces: Iterable[str], keep_bom: bool = False) -> Iterator[str]:
+    """A text given in pieces with a leading byte-order mark removed (unless ``keep_bom``) and ``\\r\\n`` and
+    ``\\r`` turned into ``\\n``, as :func:`split_text` does to a whole text (a ``\\r`` ending a piece waits for the
+    next one, which may start with ``\\n``)."""
+    at_start, held = not keep_bom, ""
     for piece in pieces:
         piece = held + piece
         if at_start and piece:

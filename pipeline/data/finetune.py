@@ -16,10 +16,9 @@ Fine-tuning sets are small (thousands of examples), so this runs in the driver p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.data import clean
 from pipeline.data.build import BuildResult
+from pipeline.data.documents import READ_BLOCK_BYTES
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_target, fingerprint
-from pipeline.data.sources import discover, read_bytes
+from pipeline.data.sources import discover, read_blocks
 from pipeline.data.tokenize import token_dtype
 from pipeline.layout import RunLayout
 from pipeline.model.tokenizer import Tokenizer, get_tokenizer
@@ -59,8 +59,12 @@ class FinetuneResult(BuildResult):
 
 def parse_jsonl(text: str, name: str) -> list[tuple[int, str, str]]:
     """(line, prompt, completion) of every non-blank line; DataError naming file and line otherwise."""
-    examples = []
-    for number, record in clean.jsonl_records(text, name):
+    return list(parse_jsonl_lines(text.split("\n"), name))
+
+
+def parse_jsonl_lines(lines: Iterable[str], name: str) -> Iterator[tuple[int, str, str]]:
+    """:func:`parse_jsonl` of a file given as its lines."""
+    for number, record in clean.jsonl_line_records(lines, name):
         for field in ("prompt", "completion"):
             if field not in record:
                 raise DataError(f"{name}, line {number}: no {field!r} field (fields: {', '.join(sorted(record))})")
@@ -68,8 +72,23 @@ def parse_jsonl(text: str, name: str) -> list[tuple[int, str, str]]:
                 raise DataError(f"{name}, line {number}: {field!r} is a {type(record[field]).__name__}, not a string")
             if not record[field]:
                 raise DataError(f"{name}, line {number}: empty {field!r}")
-        examples.append((number, record["prompt"], record["completion"]))
-    return examples
+        yield number, record["prompt"], record["completion"]
+
+
+def read_examples(uri: str, bad_utf8: str, stats: dict[str, Any]) -> Iterator[tuple[int, str, str]]:
+    """:func:`parse_jsonl` of one file, streamed in blocks; when all are read, ``stats`` holds the file's
+    ``sha256``, ``examples`` and ``replaced_chars``. Errors are those of decoding the file whole, then parsing it."""
+    stream = clean.StreamDecoder(read_blocks(uri, READ_BLOCK_BYTES), uri, bad_utf8)
+    examples = 0
+    try:
+        for example in parse_jsonl_lines(clean.split_lines(clean.normalized(stream.texts(), keep_bom=True)), uri):
+            examples += 1
+            yield example
+    except clean.BinaryFileError:
+        raise
+    except DataError as error:
+        raise stream.outranking(error) from None
+    stats.update(sha256=stream.sha256, examples=examples, replaced_chars=stream.replaced)
 
 
 def encode_example(
@@ -157,11 +176,8 @@ def _build(
         rows: dict[str, list[Any]] = {name: [] for name in schema.names}
         stats = {"examples": 0, "tokens": 0, "completion_tokens": 0, "truncated": 0, "rejected": 0}
         for item in sources[split]:
-            data = read_bytes(item["uri"])
-            decoded = clean.decode(data, item["uri"], config.data.bad_utf8)
-            text = decoded.text.replace("\r\n", "\n").replace("\r", "\n")
-            parsed = parse_jsonl(text, item["uri"])
-            for number, prompt, completion in parsed:
+            read: dict[str, Any] = {}
+            for number, prompt, completion in read_examples(item["uri"], config.data.bad_utf8, read):
                 encoded = encode_example(tokenizer, prompt, completion, max_ids, config.finetune.overlong)
                 if encoded is None:
                     stats["rejected"] += 1
@@ -176,15 +192,7 @@ def _build(
                 rows["prompt"].append(prompt)
                 rows["completion"].append(completion)
                 rows["source"].append(f"{item['rel']}:{number}")
-            records.append(
-                {
-                    "split": split,
-                    **item,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "examples": len(parsed),
-                    "replaced_chars": decoded.replaced,
-                }
-            )
+            records.append({"split": split, **item, **read})
         shards = []
         count = len(rows["prompt"])
         for number, start in enumerate(range(0, count, config.data.shard_sequences)):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.data import DataError, clean, documents
+from pipeline.data import DataError, clean, documents, finetune
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"small": 50 << 10, "medium": 8 << 20, "large": 56 << 20}  # bytes of text, about
@@ -252,3 +252,34 @@ def test_errors_name_file_and_line_whatever_the_read_block(tmp_path: Path, monke
     info = json.loads(summary[0]["text"])
     assert info["skipped_binary"] and info["documents"] == 0
     assert info["sha256"] == hashlib.sha256((tmp_path / "nul.jsonl").read_bytes()).hexdigest()
+
+
+FINETUNE_LINES = [b'{"prompt": "Q\xc3\xa9", "completion": " A"}', b'{"prompt": "caf\xe9", "completion": "x"}']
+FINETUNE_LINES += [b'{"prompt": "", "completion": "x"}', b'{"prompt": 1, "completion": "x"}', b"{bad", b"", b"\r"]
+FINETUNE_LINES += [b'\xef\xbb\xbf{"prompt": "q", "completion": "a"}', b'{"prompt": "\x00", "completion": "a"}']
+
+
+def test_finetune_examples_streamed_equal_those_of_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(finetune, "READ_BLOCK_BYTES", 2)
+    rng = random.Random(3)
+    path = tmp_path / "ft.jsonl"
+    for _ in range(300):
+        data = b"".join(rng.choice(FINETUNE_LINES) + rng.choice(SEPARATORS) for _ in range(rng.randint(0, 5)))
+        path.write_bytes(data)
+        for bad_utf8 in ("replace", "fail"):
+            try:
+                decoded = clean.decode(data, str(path), bad_utf8)
+                text = decoded.text.replace("\r\n", "\n").replace("\r", "\n")
+                want: Any = (finetune.parse_jsonl(text, str(path)), decoded.replaced, hashlib.sha256(data).hexdigest())
+            except DataError as exc:
+                want = str(exc)
+            stats: dict[str, Any] = {}
+            try:
+                examples = list(finetune.read_examples(str(path), bad_utf8, stats))
+                got: Any = (examples, stats["replaced_chars"], stats["sha256"])
+                assert stats["examples"] == len(examples)
+            except DataError as exc:
+                got = str(exc)
+            assert got == want, (data, bad_utf8)
