@@ -4,17 +4,23 @@ Each document becomes its BPE ids followed by ``<|endoftext|>`` (special-token s
 as ordinary text). Summary rows pass through with no tokens. Output columns: ``file_index``, ``doc_index``,
 ``split``, ``kind``, ``tokens`` (a list of ids per row, in :func:`token_dtype`) and ``info`` (the summary JSON of
 summary rows, else null).
+
+Ray Data hands the actor blocks of up to its target block size (128 MiB by default: the documents of one large
+file come in such blocks), and the Python strings and the joined text of an encoder call take several times the
+block's bytes; so a block is encoded ``ENCODE_BYTES`` of text at a time, which bounds the actor's working memory by
+that, not by the block.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.data.documents import KIND_DOCUMENT
 from pipeline.model.tokenizer import Tokenizer, get_tokenizer
+
+ENCODE_BYTES = 8 << 20  # UTF-8 bytes of documents per encoder call (a longer document is one call of its own)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -64,16 +70,21 @@ class TokenizeDocuments:
         self.value_type = pa.from_numpy_dtype(token_dtype(self.tokenizer.n_vocab))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        kind = batch.column("kind").to_numpy()
-        texts = batch.column("text").to_pylist()
-        is_doc = kind == KIND_DOCUMENT
-        flat, doc_lengths = encode_documents(self.tokenizer, [t for t, d in zip(texts, is_doc, strict=True) if d])
-        lengths = np.zeros(len(texts), np.int64)
-        lengths[is_doc] = doc_lengths
-        offsets = np.zeros(len(texts) + 1, np.int64)
+        is_doc = batch.column("kind").to_numpy() == KIND_DOCUMENT
+        lengths = np.zeros(len(batch), np.int64)
+        flats = [np.empty(0, token_dtype(self.tokenizer.n_vocab))]
+        info: list[str | None] = []
+        for start, stop in text_slices(batch.column("text"), ENCODE_BYTES):
+            texts = batch.column("text").slice(start, stop - start).to_pylist()
+            docs = is_doc[start:stop]
+            flat, doc_lengths = encode_documents(self.tokenizer, [t for t, d in zip(texts, docs, strict=True) if d])
+            lengths[start:stop][docs] = doc_lengths
+            flats.append(flat)
+            info.extend(None if d else t for t, d in zip(texts, docs, strict=True))
+        offsets = np.zeros(len(batch) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, self.value_type))
-        info = pa.array([None if d else t for t, d in zip(texts, is_doc, strict=True)], pa.large_string())
+        values = pa.array(np.concatenate(flats), self.value_type)
+        tokens = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
         return pa.table(
             {
                 "file_index": batch.column("file_index"),
@@ -81,6 +92,21 @@ class TokenizeDocuments:
                 "split": batch.column("split"),
                 "kind": batch.column("kind"),
                 "tokens": tokens,
-                "info": info,
+                "info": pa.array(info, pa.large_string()),
             }
         )
+
+
+def text_slices(texts: pa.ChunkedArray | pa.Array, budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``[start, stop)`` covering ``texts``, each of at most ``budget`` UTF-8 bytes of text
+    unless one row alone has more."""
+    sizes = pc.fill_null(pc.binary_length(texts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(sizes)
+    slices = []
+    start = 0
+    while start < len(sizes):
+        done = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, done + budget, side="right")), start + 1)
+        slices.append((start, stop))
+        start = stop
+    return slices

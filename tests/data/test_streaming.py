@@ -25,6 +25,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.data import DataError, clean, documents, finetune
+from pipeline.data import tokenize as tokenize_module
+from pipeline.data.tokenize import TokenizeDocuments
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"small": 50 << 10, "medium": 8 << 20, "large": 56 << 20}  # bytes of text, about
@@ -283,3 +285,22 @@ def test_finetune_examples_streamed_equal_those_of_the_whole_file(
             except DataError as exc:
                 got = str(exc)
             assert got == want, (data, bad_utf8)
+
+
+def test_a_block_encoded_in_slices_equals_it_encoded_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [f"document {i}: " + "caf\u00e9 \U0001f600 " * (i % 7) for i in range(300)]
+    texts[40] += " a literal <|endoftext|> stays text"
+    tables = []  # the documents and summaries of three files in one block, as Ray Data coalesces them
+    for file_index in range(3):
+        chunker = documents._Chunker(file_index, f"f{file_index}", 0.3)
+        for index, text in enumerate(texts):
+            chunker.add(index, text)
+        tables += [chunker.take(), chunker.summary({"sha256": "0", "bytes": 1})]
+    batch = pa.concat_tables(tables)
+    tokenize = TokenizeDocuments("r50k_base")
+    whole = tokenize(batch)
+    assert tokenize_module.text_slices(batch.column("text"), tokenize_module.ENCODE_BYTES) == [(0, len(batch))]
+    monkeypatch.setattr(tokenize_module, "ENCODE_BYTES", 500)
+    assert len(tokenize_module.text_slices(batch.column("text"), 500)) > 20
+    assert tokenize(batch).equals(whole)
+    assert whole.column("info").null_count == len(batch) - 3
