@@ -31,8 +31,8 @@ from pipeline.data.pack import Packer, ShardWriter
 from pipeline.data.sources import discover
 from pipeline.data.tokenize import TokenizeDocuments, token_dtype
 from pipeline.layout import RunLayout
-from pipeline.raycluster import connect
 from pipeline.model.tokenizer import get_tokenizer
+from pipeline.raycluster import connect
 
 MIN_GROUP_BYTES = 1 << 20  # input bytes per read/tokenize task: at least (unless the corpus is smaller) ...
 MAX_GROUP_BYTES = 8 << 20  # ... and at most (bounds the memory of a task and the wait for the first rows)

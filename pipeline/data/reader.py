@@ -38,6 +38,7 @@ from pipeline.data.manifest import MANIFEST, Manifest, Shard, missing_shards, re
 from pipeline.data.sources import open_input
 from pipeline.layout import RunLayout
 
+
 def load_manifest(location: str, kind: str | None = None) -> Manifest:
     """The manifest of the dataset at ``location``: a dataset directory, or a run directory (then its ``data/``,
     or ``finetune_data/`` when ``kind="finetune"``). Local path or URI.
