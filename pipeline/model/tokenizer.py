@@ -59,6 +59,11 @@ class Tokenizer:
         """Plain text to ids; special-token strings in the text are treated as ordinary text."""
         return self.encoding.encode_ordinary(text)
 
+    def encode_with_special(self, text: str) -> list[int]:
+        """Text to ids where special-token strings (``<|endoftext|>``) are those tokens: how OpenAI's API and
+        Hugging Face tokenizers read a prompt. Training data never goes through this (:meth:`encode`)."""
+        return self.encoding.encode(text, allowed_special="all")
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 4) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
 

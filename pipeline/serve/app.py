@@ -23,8 +23,13 @@ from pipeline.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     Health,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 from pipeline.serve.serving import OpenAIServing, ServingSettings
 
@@ -36,7 +41,8 @@ def _respond(result: Any, headers: dict[str, str]) -> JSONResponse | StreamingRe
 
 
 def create_app(serving: OpenAIServing) -> FastAPI:
-    """The OpenAI-compatible API over ``serving``: /health, /v1/models, /v1/completions, /v1/chat/completions."""
+    """The OpenAI-compatible API over ``serving``: /health, /v1/models, /v1/completions, /v1/chat/completions, and
+    vLLM's /tokenize, /detokenize and /tokenizer_info."""
     app = FastAPI(
         title="raygpt",
         description="OpenAI-compatible completions served by raygpt on Ray Serve.",
@@ -55,6 +61,19 @@ def create_app(serving: OpenAIServing) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, responses=documented(401, 405, 413))
     async def models() -> dict[str, Any]:
         return serving.models().model_dump()
+
+    # vLLM's tokenizer routes at the server root: harnesses (lm-eval's remote tokenizer) find them there.
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses=documented(401, 405, 413))
+    async def tokenizer_info() -> dict[str, Any]:
+        return serving.tokenizer_info().model_dump()
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=documented(400, 401, 404, 405, 413))
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return (await serving.tokenize(body)).model_dump()
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=documented(400, 401, 404, 405, 413))
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return serving.detokenize(body).model_dump()
 
     @app.post(
         "/v1/completions",

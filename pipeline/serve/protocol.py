@@ -127,10 +127,46 @@ class ChatRequest(SamplingRequest):
         return chat_template(self.messages)
 
 
-def chat_template(messages: list[ChatMessage]) -> str:
-    """``System: ...`` / ``User: ...`` / ``Assistant: ...`` lines, ending with ``Assistant:`` for the reply."""
-    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+def chat_template(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """``System: ...`` / ``User: ...`` / ``Assistant: ...`` lines, ending with ``Assistant:`` for the reply.
+    :data:`CHAT_TEMPLATE_JINJA` renders the same text (Hugging Face's ``apply_chat_template``)."""
+    text = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages)
+    return text + "Assistant:" if add_generation_prompt else text.removesuffix("\n")
+
+
+CHAT_TEMPLATE_JINJA = (
+    "{% for message in messages %}{% if not loop.first %}\n{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}\nAssistant:{% endif %}"
+)
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's): a prompt, or chat messages rendered as the chat route renders them."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = Field(True, description="Accepted; r50k adds no BOS/EOS either way (as GPT-2).")
+    add_generation_prompt: bool = Field(True, description="With messages: end with 'Assistant:'.")
+    return_token_strs: bool = False
+
+    def text(self) -> str:
+        if (self.prompt is None) == (self.messages is None):
+            raise ProtocolError("give exactly one of prompt and messages", "prompt", "invalid_value")
+        if self.messages is not None:
+            return chat_template(self.messages, self.add_generation_prompt)
+        assert self.prompt is not None
+        return self.prompt
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -267,6 +303,34 @@ class ModelList(Body):
 
 class Health(Body):
     status: Literal["ok"] = "ok"
+
+
+class TokenizeResponse(Body):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Body):
+    prompt: str
+
+
+class TokenizerInfo(Body):
+    """``GET /tokenizer_info`` (vLLM's): what a client needs to tokenize as the server does (lm-eval's remote
+    tokenizer reads ``eos_token`` and ``chat_template`` from it)."""
+
+    tokenizer_class: str = "GPT2TokenizerFast"
+    encoding: str
+    eos_token: str
+    bos_token: str
+    unk_token: str
+    pad_token: str | None = None
+    add_bos_token: bool = False
+    add_prefix_space: bool = False
+    model_max_length: int
+    vocab_size: int
+    chat_template: str
 
 
 class ErrorDetail(BaseModel):

@@ -25,6 +25,7 @@ from pipeline.inference.sampling import ContextLengthError, SamplingParams, chec
 from pipeline.model.tokenizer import get_tokenizer
 from pipeline.serve.errors import APIError, engine_failed, error_body, replica_failed
 from pipeline.serve.protocol import (
+    CHAT_TEMPLATE_JINJA,
     MAX_SEQUENCES,
     AssistantMessage,
     ChatChoice,
@@ -37,10 +38,15 @@ from pipeline.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     ProtocolError,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     Usage,
 )
 from pipeline.serve.replica import EngineFailure, ReplicaInfo, SequenceRequest
@@ -128,7 +134,7 @@ class OpenAIServing:
     async def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of ``texts``, computed off the event loop (the BPE releases the GIL), so the ingress goes on
         answering other requests while a large one is tokenized."""
-        return await asyncio.to_thread(lambda: [self.tokenizer.encode(text) for text in texts])
+        return await asyncio.to_thread(lambda: [self.tokenizer.encode_with_special(text) for text in texts])
 
     async def prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
         """The request's prompts as (token ids, text); call after :meth:`_check_prompts`."""
@@ -232,6 +238,36 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------------------------------ endpoints
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """As the completions route reads a text prompt (special-token strings are those tokens), with no context
+        limit: a harness tokenizes whole documents and windows them itself."""
+        self._check_model(body.model)
+        try:
+            text = body.text()
+        except ProtocolError as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+        (ids,) = await self._encode([text])
+        strs = [self.tokenizer.decode([t]) for t in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.context_length, tokens=ids, token_strs=strs)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(body.model)
+        if any(not 0 <= t < self.settings.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {self.settings.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        eot = self.tokenizer.decode([self.tokenizer.eot_id])
+        return TokenizerInfo(
+            encoding=self.tokenizer.name,
+            eos_token=eot,
+            bos_token=eot,
+            unk_token=eot,
+            model_max_length=self.context_length,
+            vocab_size=self.settings.vocab_size,
+            chat_template=CHAT_TEMPLATE_JINJA,
+        )
 
     def models(self) -> ModelList:
         # the id and what a client needs (the context length), never where the weights are stored
