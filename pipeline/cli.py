@@ -7,6 +7,7 @@ Every error a user can cause (:data:`USER_ERRORS`) ends with one ``raygpt: error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from pipeline.data.errors import DataError
 from pipeline.export.format import ExportError
 from pipeline.layout import RunLayout, resolve_export
 from pipeline.model.tokenizer import TokenizerError
+from pipeline.runlock import RunDirBusy, run_lock
 from pipeline.train.plan import TrainError
 
 Args = argparse.Namespace
@@ -36,6 +38,12 @@ def _config(args: Args) -> PipelineConfig:
 
 def _print_json(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, indent=2, default=str))
+
+
+def _run_dir_lock(config: PipelineConfig, command: str, writes: bool = True) -> Any:
+    """The run dir's lock for a command that writes into it (:mod:`pipeline.runlock`); nothing when it does not.
+    ``run``, ``pretrain`` and ``finetune`` take it themselves."""
+    return run_lock(config.run.dir, command) if writes else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -76,13 +84,18 @@ def models(args: Args) -> int:
 
 def init_export(args: Args) -> int:
     """Write an untrained export of the configured model (a starting point for serving before training)."""
+    config = _config(args)
+    with _run_dir_lock(config, "init-export", writes=args.out is None):
+        return _init_export(args, config)
+
+
+def _init_export(args: Args, config: PipelineConfig) -> int:
     import torch
 
     from pipeline.export.format import save_export
     from pipeline.model.gpt import GPT
     from pipeline.model.tokenizer import get_tokenizer
 
-    config = _config(args)
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_file)
     model_config = config.model.gpt_config(vocab_size=tokenizer.n_vocab)
     torch.manual_seed(config.run.seed)
@@ -166,7 +179,9 @@ def tokenize(args: Args) -> int:
     """Tokenize data.inputs into <run.dir>/data (packed sequences + manifest)."""
     from pipeline.data.build import tokenize_corpus
 
-    print(tokenize_corpus(_config(args), overwrite=args.overwrite).summary())
+    config = _config(args)
+    with _run_dir_lock(config, "tokenize"):
+        print(tokenize_corpus(config, overwrite=args.overwrite).summary())
     return 0
 
 
@@ -174,7 +189,9 @@ def tokenize_finetune(args: Args) -> int:
     """Tokenize finetune.inputs / finetune.eval_inputs into <run.dir>/finetune_data."""
     from pipeline.data.finetune import tokenize_finetune as build
 
-    print(build(_config(args), overwrite=args.overwrite).summary())
+    config = _config(args)
+    with _run_dir_lock(config, "tokenize-finetune"):
+        print(build(config, overwrite=args.overwrite).summary())
     return 0
 
 
@@ -206,7 +223,8 @@ def export(args: Args) -> int:
         return 0
     from pipeline.train.consolidate import export_latest
 
-    written = export_latest(config, args.stage, args.out, overwrite=args.overwrite)
+    with _run_dir_lock(config, "export"):
+        written = export_latest(config, args.stage, args.out, overwrite=args.overwrite)
     print(f"consolidated the latest {args.stage} checkpoint into {written}")
     return 0
 
@@ -215,7 +233,8 @@ def import_hf(args: Args) -> int:
     from pipeline.export.hf import import_hf as run
 
     config = _config(args)
-    written = run(args.directory, args.out or RunLayout.of(config).export("imported"), overwrite=args.overwrite)
+    with _run_dir_lock(config, "import-hf", writes=args.out is None):
+        written = run(args.directory, args.out or RunLayout.of(config).export("imported"), overwrite=args.overwrite)
     print(
         f"imported {args.directory} as {written}; fine-tune it with: raygpt finetune --set finetune.init_from={written}"
     )
@@ -374,6 +393,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ExportError,
     TokenizerError,
     DataError,
+    RunDirBusy,
     ValueError,
     FileNotFoundError,
 )

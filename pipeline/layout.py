@@ -10,6 +10,7 @@
       pretrain/  finetune/       state.json, metrics.jsonl, loss_curve.png of the stage
       export/pretrained/ finetuned/ imported/ init/    exports (model.safetensors + config.json)
       summary.json               the last ``raygpt run``'s summary
+      raygpt.lock                the holder of the run dir, while a command writes into it (pipeline.runlock)
 
 ``run.dir`` is a local path or a URI; every location here is built with :func:`pipeline.storage.join`.
 """
@@ -82,6 +83,10 @@ class RunLayout:
     @property
     def summary_file(self) -> str:
         return storage.join(self.root, "summary.json")
+
+    @property
+    def lock_file(self) -> str:
+        return storage.join(self.root, "raygpt.lock")
 
     # ------------------------------------------------------------------------------------------ exports
 

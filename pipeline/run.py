@@ -41,6 +41,15 @@ def sample_request(url: str, config: PipelineConfig, prompt: str, max_tokens: in
 def run_pipeline(
     config: PipelineConfig, serve: bool = True, exit_after_sample: bool = False, fresh: bool = False
 ) -> dict[str, Any]:
+    """The whole pipeline, holding the run dir's lock from the first stage until serving ends (a second run in
+    the same run dir is refused: :mod:`pipeline.runlock`)."""
+    from pipeline.runlock import run_lock
+
+    with run_lock(config.run.dir, "run"):
+        return _run_pipeline(config, serve, exit_after_sample, fresh)
+
+
+def _run_pipeline(config: PipelineConfig, serve: bool, exit_after_sample: bool, fresh: bool) -> dict[str, Any]:
     from pipeline.data.build import tokenize_corpus
     from pipeline.data.finetune import tokenize_finetune
     from pipeline.data.reader import heldout_examples, load_manifest

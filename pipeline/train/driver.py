@@ -25,6 +25,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout, Stage, is_complete_export
+from pipeline.runlock import run_lock
 from pipeline.train import checkpoint
 from pipeline.train.consolidate import consolidate
 from pipeline.train.plan import TrainError, TrainPlan, load_dataset_manifest, make_plan
@@ -196,7 +197,13 @@ def checkpoint_location(layout: RunLayout, result: Any) -> str:
 
 
 def pretrain(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
-    """Pretrain ``model.preset`` on the tokenized corpus; export to <run.dir>/export/pretrained."""
+    """Pretrain ``model.preset`` on the tokenized corpus; export to <run.dir>/export/pretrained. Holds the run
+    dir's lock (:func:`pipeline.runlock.run_lock`): another process in the same run dir is refused."""
+    with run_lock(config.run.dir, "pretrain"):
+        return _pretrain(config, fresh)
+
+
+def _pretrain(config: PipelineConfig, fresh: bool) -> dict[str, Any]:
     plan, cached, result = _train(config, "pretrain", fresh)
     if cached is not None:
         return cached
@@ -232,8 +239,13 @@ def pretrain(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
 
 
 def finetune(config: PipelineConfig, fresh: bool = False) -> dict[str, Any]:
-    """Fine-tune an export on prompt/completion data (loss on completions only); report held-out exact match
-    before and after; export to <run.dir>/export/finetuned."""
+    """Fine-tune an export on prompt/completion data (loss on completions only); export to
+    <run.dir>/export/finetuned, then report held-out exact match before and after. Holds the run dir's lock."""
+    with run_lock(config.run.dir, "finetune"):
+        return _finetune(config, fresh)
+
+
+def _finetune(config: PipelineConfig, fresh: bool) -> dict[str, Any]:
     from pipeline.data.reader import heldout_examples
     from pipeline.train.evaluate import exact_match
 
