@@ -219,7 +219,8 @@ def export(args: Args) -> int:
         from pipeline.export.hf import export_hf
 
         source = args.source or RunLayout.of(config).newest_export()
-        print(f"wrote Hugging Face GPT-2 directory {export_hf(source, args.hf, args.overwrite)} from {source}")
+        written = export_hf(source, args.hf, args.overwrite, tokenizer_file=config.data.tokenizer_file)
+        print(f"wrote Hugging Face GPT-2 directory {written} (weights, config, tokenizer) from {source}")
         return 0
     from pipeline.train.consolidate import export_latest
 

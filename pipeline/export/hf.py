@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import storage
 from pipeline.export.format import ExportError, check_replaceable, load_export, save_export
+from pipeline.export.hf_tokenizer import hf_tokenizer
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.tokenizer import DEFAULT_ENCODING, get_tokenizer
 
@@ -131,9 +132,9 @@ def is_hf_model_dir(location: str) -> bool:
         return False
 
 
-def export_hf(export: str, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write an export as a Hugging Face GPT-2 directory (staged, then moved into place); ``out_dir`` must be new,
-    empty or a Hugging Face model directory unless ``overwrite``."""
+def export_hf(export: str, out_dir: str | Path, overwrite: bool = False, tokenizer_file: str | None = None) -> Path:
+    """Write an export as a Hugging Face GPT-2 directory with its tokenizer (staged, then moved into place);
+    ``out_dir`` must be new, empty or a Hugging Face model directory unless ``overwrite``."""
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
@@ -149,6 +150,8 @@ def export_hf(export: str, out_dir: str | Path, overwrite: bool = False) -> Path
     with storage.Staged(target) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         hf_config.to_json_file(str(staging / "config.json"))
+        tokenizer = get_tokenizer(info.tokenizer.get("name", "r50k_base"), tokenizer_file)
+        hf_tokenizer(tokenizer, info.model.context_length).save_pretrained(str(staging))
         (staging / "raygpt_export.json").write_text(json.dumps({"source": str(export), "tokenizer": info.tokenizer}))
     return target
 

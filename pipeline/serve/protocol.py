@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from pipeline.inference.outputs import Logprobs
 from pipeline.inference.sampling import SamplingParams
+from pipeline.model.chat import CHAT_STOP, render
 
 MAX_N = 16
 MAX_SEQUENCES = 64  # prompts x n per request
 MAX_STOP = 4
-CHAT_STOP = "\nUser:"
 
 
 class ProtocolError(ValueError):
@@ -128,17 +128,8 @@ class ChatRequest(SamplingRequest):
 
 
 def chat_template(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-    """``System: ...`` / ``User: ...`` / ``Assistant: ...`` lines, ending with ``Assistant:`` for the reply.
-    :data:`CHAT_TEMPLATE_JINJA` renders the same text (Hugging Face's ``apply_chat_template``)."""
-    text = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages)
-    return text + "Assistant:" if add_generation_prompt else text.removesuffix("\n")
-
-
-CHAT_TEMPLATE_JINJA = (
-    "{% for message in messages %}{% if not loop.first %}\n{% endif %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}\nAssistant:{% endif %}"
-)
+    """The messages as prompt text (:mod:`pipeline.model.chat`)."""
+    return render(((m.role, m.content) for m in messages), add_generation_prompt)
 
 
 class TokenizeRequest(BaseModel):

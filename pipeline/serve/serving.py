@@ -22,10 +22,10 @@ from ray.exceptions import RayActorError
 
 from pipeline.inference.outputs import Delta
 from pipeline.inference.sampling import ContextLengthError, SamplingParams, check_context_length
+from pipeline.model.chat import CHAT_TEMPLATE_JINJA
 from pipeline.model.tokenizer import get_tokenizer
 from pipeline.serve.errors import APIError, engine_failed, error_body, replica_failed
 from pipeline.serve.protocol import (
-    CHAT_TEMPLATE_JINJA,
     MAX_SEQUENCES,
     AssistantMessage,
     ChatChoice,
