@@ -108,7 +108,7 @@ class StreamDecoder:
                 if text:
                     yield text
             text = self._decode(b"", final=True)
-        except BaseException:
+        except Exception:  # not GeneratorExit: a consumer closing this generator leaves the rest readable
             self._stopped = True
             raise
         if text:

@@ -256,6 +256,16 @@ def test_errors_name_file_and_line_whatever_the_read_block(tmp_path: Path, monke
     assert info["sha256"] == hashlib.sha256((tmp_path / "nul.jsonl").read_bytes()).hexdigest()
 
 
+def test_the_outranking_error_is_found_after_the_consumer_is_gone() -> None:
+    data = b'{"text": "a"}\n{bad\n{"text": "caf\xe9"}\n'
+    stream = clean.StreamDecoder(blocks(data, 3), "f", "fail")
+    with pytest.raises(DataError, match="line 2: not valid JSON") as raised:
+        list(clean.jsonl_line_texts(clean.split_lines(stream.texts()), "f", "text"))
+    error = DataError(str(raised.value))
+    del raised  # its traceback held the generators; now they are closed
+    assert str(stream.outranking(error)).startswith("f: invalid UTF-8 at byte 32 (line 3)")
+
+
 FINETUNE_LINES = [b'{"prompt": "Q\xc3\xa9", "completion": " A"}', b'{"prompt": "caf\xe9", "completion": "x"}']
 FINETUNE_LINES += [b'{"prompt": "", "completion": "x"}', b'{"prompt": 1, "completion": "x"}', b"{bad", b"", b"\r"]
 FINETUNE_LINES += [b'\xef\xbb\xbf{"prompt": "q", "completion": "a"}', b'{"prompt": "\x00", "completion": "a"}']
