@@ -84,9 +84,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if count:  # a micro-batch without targets has a NaN mean loss that carries no information
                 loss_sum += float(output.loss.detach()) * count
             loss_count += count
-        grad_norm = _float(engine.get_global_grad_norm())
+        local_norm = _float(engine.get_global_grad_norm())
         # all-reduced, so every rank sees the same values and takes the same divergence decision below
-        loss_sum, loss_count, grad_norm_sum = all_reduce_sum([loss_sum, float(loss_count), grad_norm or 0.0], device)
+        loss_sum, loss_count, norm_sum, norms = all_reduce_sum(
+            [loss_sum, float(loss_count), local_norm or 0.0, float(local_norm is not None)], device
+        )
         step += 1
         consumed += plan.global_batch
         tokens_seen += int(loss_count)
@@ -97,7 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "tokens": tokens_seen,
             "loss": loss_sum / max(loss_count, 1.0),
             "lr": float(engine.get_lr()[0]),
-            "grad_norm": None if grad_norm is None else grad_norm_sum / world,
+            "grad_norm": norm_sum / norms if norms else None,  # ZeRO's global norm: the same on every rank
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed,
             "mfu": token_flops * tokens_per_s / (peak_flops * world) if peak_flops else None,
