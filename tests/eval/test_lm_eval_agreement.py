@@ -1,7 +1,8 @@
-"""lm-eval itself (not a re-implementation) scores raygpt's shipped tasks twice: through ``raygpt serve`` with the
-remote tokenizer it detects on its own (``local-completions``: only model, base_url and max_length), and with its
-``hf`` backend on the Hugging Face export of the same weights (no tokenizer argument). Every per-item
-log-likelihood agrees and so does every accuracy.
+"""lm-eval itself (not a re-implementation) scores raygpt's shipped tasks through ``raygpt serve`` with the remote
+tokenizer it detects on its own (``local-completions``: only model, base_url and max_length), with its ``hf``
+backend on the Hugging Face export of the same weights (no tokenizer argument), and with raygpt's registered
+model class on the export directly (two Ray actors). Every per-item log-likelihood agrees and so does every
+accuracy.
 
 The model is a nano one whose next token is very often ``<|endoftext|>``: a completion that ends there is where
 the endpoint's logprobs used to leave the generated token out, so that lm-eval, which drops the last entry as the
@@ -87,17 +88,28 @@ def test_lm_eval_agrees_through_the_endpoint_and_on_the_hf_export(tmp_path: Path
             limit=LIMIT,
             log_samples=True,
         )
-    assert hf is not None and api is not None
+    import pipeline.eval.lm  # noqa: F401  (registers the raygpt model with lm-eval)
 
-    for task in tasks:
-        ours, theirs = _per_item(api, task), _per_item(hf, task)
-        assert ours.keys() == theirs.keys() and len(ours) == LIMIT, task
-        for doc_id in ours:
-            tolerance = 1e-4 if task != "raygpt_ppl" else 1e-6 * abs(theirs[doc_id][0])  # sums of ~10^3 tokens
-            assert ours[doc_id] == pytest.approx(theirs[doc_id], abs=tolerance), (task, doc_id)
-        for metric in ("acc,none", "acc_norm,none"):
-            if metric in hf["results"][task]:
-                assert api["results"][task][metric] == hf["results"][task][metric], (task, metric)
+    direct = lm_eval.simple_evaluate(
+        model="raygpt",
+        model_args=f"export={export},max_length={context - 2},num_workers=2,num_cpus=1",
+        tasks=tasks,
+        task_manager=task_manager,
+        limit=LIMIT,
+        log_samples=True,
+    )
+    assert hf is not None and api is not None and direct is not None
+
+    for ours_run in (api, direct):  # the endpoint, and the export scored on Ray actors
+        for task in tasks:
+            ours, theirs = _per_item(ours_run, task), _per_item(hf, task)
+            assert ours.keys() == theirs.keys() and len(ours) == LIMIT, task
+            for doc_id in ours:
+                tolerance = 1e-4 if task != "raygpt_ppl" else 1e-6 * abs(theirs[doc_id][0])  # sums of ~10^3 tokens
+                assert ours[doc_id] == pytest.approx(theirs[doc_id], abs=tolerance), (task, doc_id)
+            for metric in ("acc,none", "acc_norm,none"):
+                if metric in hf["results"][task]:
+                    assert ours_run["results"][task][metric] == hf["results"][task][metric], (task, metric)
 
     # the case that broke is common here: after many lambada continuations the greedy next token is <|endoftext|>
     model, tokenizer = eot_leaning_model(), get_tokenizer()
