@@ -125,6 +125,18 @@ def test_killed_tokenize_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_
     assert got.pop("created") and expected.pop("created")
     assert got == expected
     assert _dataset_files(run / "data") == _dataset_files(reference / "data")
+    # The killed command could not release its run-dir lock; the next command that locks the run dir finds the
+    # holder dead on this host, takes the lock over, finds the dataset up to date, and releases it.
+    assert (run / "raygpt.lock").is_file()
+    again = subprocess.run(
+        [str(Path(sys.executable).parent / "raygpt"), "tokenize", *(f"--set={k}={v}" for k, v in settings.items())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     leftovers = sorted(p.name for p in run.iterdir() if p.name != "data")
     assert not leftovers, f"staging leftovers of the killed build: {leftovers}"
     shards = len(_dataset_files(reference / "data"))
