@@ -175,6 +175,24 @@ def serve(args: Args) -> int:
     return 0
 
 
+def evaluate(args: Args) -> int:
+    """lm-eval tasks at each number of shots against an export (default: the newest) or an endpoint."""
+    from pipeline.eval.run import evaluate as run_eval
+    from pipeline.eval.run import summary_line
+
+    config = _config(args)
+    if args.tasks:
+        config.eval.tasks = [t for t in args.tasks.split(",") if t]
+    if args.shots:
+        config.eval.shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    if args.limit:
+        config.eval.limit = args.limit
+    summary = run_eval(config, export=args.export, endpoint=args.endpoint)
+    print(f"raygpt eval: {summary_line(summary)}")
+    print(f"raygpt eval: results {summary['results']}, figure {summary['plot']}")
+    return 0
+
+
 def tokenize(args: Args) -> int:
     """Tokenize data.inputs into <run.dir>/data (packed sequences + manifest)."""
     from pipeline.data.build import tokenize_corpus
@@ -340,6 +358,17 @@ COMMANDS: dict[str, Command] = {
             opt("--top-p", type=float, default=1.0),
             opt("--stop", action="append", default=[], help="stop string (repeatable)"),
             opt("--seed", type=int, default=None, help="default: run.seed"),
+        ),
+    ),
+    "eval": Command(
+        evaluate,
+        "few-shot lm-eval tasks on an export or an endpoint -> <run.dir>/eval",
+        (
+            opt("--export", metavar="DIR", help=EXPORT_HELP),
+            opt("--endpoint", metavar="URL", help="an OpenAI-compatible base URL instead of an export"),
+            opt("--tasks", metavar="A,B", help="lm-eval task names or YAML files (default: eval.tasks or raygpt_*)"),
+            opt("--shots", metavar="0,1,4", help="numbers of in-context examples (default: eval.shots)"),
+            opt("--limit", type=int, help="items per task"),
         ),
     ),
     "serve": Command(

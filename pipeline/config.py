@@ -217,6 +217,30 @@ class ServeSection(Section):
         return self
 
 
+class EvalSection(Section):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks (registry names or YAML files); empty: `raygpt eval` runs the shipped raygpt_* "
+        "tasks and `raygpt run` skips evaluation.",
+    )
+    shots: list[int] = Field(
+        default_factory=lambda: [0, 1, 4], description="In-context examples per evaluation (one run each)."
+    )
+    limit: int | None = Field(None, ge=1, description="Items per task (empty: all).")
+    batch_size: int = Field(8, ge=1, description="Requests scored together.")
+    num_workers: int = Field(1, ge=1, description="Ray actors scoring an export (1: in the driver).")
+    endpoint: str | None = Field(
+        None, description="Evaluate through this OpenAI-compatible base URL instead of an export."
+    )
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 0 for k in value):
+            raise ValueError("give one or more numbers of shots, each >= 0")
+        return sorted(set(value))
+
+
 class PipelineConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -224,6 +248,7 @@ class PipelineConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _context_fits_model(self) -> PipelineConfig:

@@ -81,6 +81,10 @@ class RunLayout:
         return storage.join(self.root, stage, "loss_curve.png")
 
     @property
+    def eval_dir(self) -> str:
+        return storage.join(self.root, "eval")
+
+    @property
     def summary_file(self) -> str:
         return storage.join(self.root, "summary.json")
 

@@ -1,0 +1,48 @@
+"""``raygpt eval`` from the command line: the shipped tasks at several numbers of shots on an export, scored by
+two Ray actors, into <run.dir>/eval (results, lm-eval's output, the shots figure); and a user's mistakes are
+clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.eval.tasks import TASKS
+
+
+def test_raygpt_eval_writes_scores_per_shot_and_the_figure(
+    tmp_path: Path, exports: dict[str, str], ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    args = ["eval", "--export", exports["a"], "--shots", "0,2", "--limit", "6"]
+    assert main([*args, "--set", f"run.dir={run_dir}", "--set", "eval.num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "raygpt eval: 0/2-shot:" in out and "raygpt_speaker acc" in out
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["shots"] == [0, 2] and results["model"] == "raygpt" and results["source"] == exports["a"]
+    assert set(results["scores"]) == set(TASKS)
+    for task, per_shot in results["scores"].items():
+        assert set(per_shot) == {"0", "2"}, task
+    assert results["headline"]["raygpt_speaker"]["metric"] == "acc"
+    assert 0 <= results["headline"]["raygpt_speaker"]["by_shots"]["2"] <= 1
+    assert results["headline"]["raygpt_ppl"]["metric"] == "bits_per_byte"
+    raw = json.loads((run_dir / "eval" / "lm_eval_2shot.json").read_text())
+    assert raw["results"]["raygpt_speaker"]["alias"] == "raygpt_speaker"
+    assert raw["configs"]["raygpt_speaker"]["num_fewshot"] == 2
+    assert (run_dir / "eval" / "shots.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_raygpt_eval_refuses_unknown_tasks_and_files(
+    tmp_path: Path, exports: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["eval", "--export", exports["a"], "--set", f"run.dir={tmp_path}"]
+    assert main([*base, "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+    assert main([*base, "--tasks", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--shots", "-1"]) == 2
+    assert main(["eval", "--export", str(tmp_path / "nothing"), "--set", f"run.dir={tmp_path}"]) == 2
+    assert not (tmp_path / "eval").exists()
