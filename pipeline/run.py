@@ -107,6 +107,13 @@ def _run_pipeline(config: PipelineConfig, serve: bool, exit_after_sample: bool, 
             "export": finetuned.get("export"),
         },
     }
+    if config.eval.tasks:  # few-shot evaluation of the fine-tuned model, when tasks are configured
+        from pipeline.eval.run import evaluate, summary_line
+
+        started = time.perf_counter()
+        scores = evaluate(config, export=finetuned.get("export"))
+        _timed(timings, "eval", started)
+        summary["eval"] = {"line": summary_line(scores), "results": scores["results"], "plot": scores["plot"]}
     if serve:
         from pipeline.serve.deploy import curl_example, deploy
 
@@ -172,6 +179,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  curves     {pre['loss_curve']}",
         f"             {fin['loss_curve']}",
     ]
+    if "eval" in summary:
+        lines += [f"  eval       {summary['eval']['line']}", f"             {summary['eval']['results']}"]
     if "serve" in summary:
         serve = summary["serve"]
         lines += [

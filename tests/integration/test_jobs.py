@@ -42,6 +42,7 @@ def _workspace(root: Path) -> tuple[Path, Path]:
 def _tiny_overrides(root: Path, corpus: Path, finetune: Path, serve_port: int) -> list[str]:
     train, heldout = finetune / "train.jsonl", finetune / "heldout.jsonl"
     settings = tiny_run(str(root / "run"), "jobtest", str(corpus), str(train), str(heldout), serve_port)
+    settings += ["eval.tasks=[raygpt_speaker]", "eval.shots=[0, 1]", "eval.limit=4"]  # the run's eval row
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
@@ -115,6 +116,9 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         assert summary["pretrain"]["steps"] == 3
         assert summary["finetune"]["steps"] == 2
         assert isinstance(summary["serve"]["sample_completion"], str)
+        assert "raygpt_speaker acc" in summary["eval"]["line"] and "eval" in summary["seconds"]
+        scores = json.loads((run_dir / "eval" / "results.json").read_text())
+        assert set(scores["scores"]["raygpt_speaker"]) == {"0", "1"}
         assert summary["serve"]["url"] == f"http://127.0.0.1:{serve_port}"
 
         # The job has ended; the endpoint it deployed stays up on the cluster, and the key reached it ...
