@@ -95,3 +95,32 @@ def test_checkpoints_are_found_in_run_dirs_with_uri_characters(tmp_path: Path, n
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 7}))
     assert latest_checkpoint(layout, "pretrain") == (str(checkpoint), 7)
+
+
+def test_a_write_killed_midway_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    """summary.json, metrics.jsonl and every other single file go through write_bytes: a writer killed in the
+    middle of a large write leaves the previous content, never a part of the new one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "summary.json"
+    target.write_bytes(b'{"old": true}\n')
+    code = f"import sys; from pipeline import storage; storage.write_bytes({str(target)!r}, b'x' * (400 * 2**20))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".summary.json.tmp-")]
+            if partial and partial[0].stat().st_size > 50 * 2**20:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the write finished before it could be interrupted"
+    assert target.read_bytes() == b'{"old": true}\n'
