@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models: its registry loads them only while it is empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
