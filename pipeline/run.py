@@ -45,6 +45,10 @@ def run_pipeline(
     the same run dir is refused: :mod:`pipeline.runlock`)."""
     from pipeline.runlock import run_lock
 
+    if serve:
+        from pipeline.serve.deploy import check_exposure
+
+        check_exposure(config)  # before hours of training (and before the run dir is touched), not after
     with run_lock(config.run.dir, "run"):
         return _run_pipeline(config, serve, exit_after_sample, fresh)
 
@@ -56,10 +60,6 @@ def _run_pipeline(config: PipelineConfig, serve: bool, exit_after_sample: bool, 
     from pipeline.raycluster import connect
     from pipeline.train.driver import finetune, pretrain
 
-    if serve:
-        from pipeline.serve.deploy import check_exposure
-
-        check_exposure(config)  # before hours of training, not after
     connect(config.run)
     timings: dict[str, float] = {}
     started_all = time.perf_counter()
