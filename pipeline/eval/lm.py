@@ -102,6 +102,16 @@ class RaygptLM(TemplateLM):
             self.scorers = [actor.remote(export, tokenizer_file, size) for _ in range(workers)]
             self.remote = True
 
+    def close(self) -> None:
+        """End the scoring actors now. Their handles alone would keep them (and their CPUs) for as long as
+        anything references this object, a traceback of a failed run included."""
+        if self.remote:
+            import ray
+
+            for scorer in self.scorers:
+                ray.kill(scorer)
+        self.scorers = []
+
     # ------------------------------------------------------------------------------------------ lm-eval's API
 
     @property

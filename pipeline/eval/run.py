@@ -96,31 +96,16 @@ def evaluate(config: PipelineConfig, export: str | None = None, endpoint: str | 
         if config.data.tokenizer_file:
             model_args += f",tokenizer_file={config.data.tokenizer_file}"
     layout = RunLayout.of(config)
-    scores: dict[str, dict[str, dict[str, float]]] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raygpt-eval-") as include:
         tasks, manager = _tasks(config, Path(include))
-        for shots in e.shots:
-            out = lm_eval.simple_evaluate(
-                model=model,
-                model_args=model_args,
-                tasks=tasks,
-                num_fewshot=shots,
-                limit=e.limit,
-                task_manager=manager,
-                batch_size=e.batch_size,
-                random_seed=config.run.seed,
-                numpy_random_seed=config.run.seed,
-                torch_random_seed=config.run.seed,
-                fewshot_random_seed=config.run.seed,
-            )
-            if out is None:  # lm-eval returns None on non-zero ranks only
-                raise EvalError("lm-eval returned no results")
-            raw = json.dumps(out, indent=1, default=str).encode()
-            storage.write_bytes(storage.join(layout.eval_dir, f"lm_eval_{shots}shot.json"), raw)
-            for task, metrics in out["results"].items():
-                numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and "stderr" not in k}
-                scores.setdefault(task, {})[str(shots)] = numbers
+        # one model for every number of shots: the export is loaded (and its actors started) once
+        lm = lm_eval.api.registry.get_model(model).create_from_arg_string(model_args, {"batch_size": e.batch_size})
+        try:
+            scores = _score_shots(config, lm, tasks, manager, layout)
+        finally:
+            if hasattr(lm, "close"):
+                lm.close()
     summary = {
         "source": source,
         "model": model,
@@ -135,6 +120,36 @@ def evaluate(config: PipelineConfig, export: str | None = None, endpoint: str | 
     summary["results"] = storage.join(layout.eval_dir, "results.json")
     storage.write_bytes(summary["results"], (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def _score_shots(
+    config: PipelineConfig, lm: Any, tasks: list[str], manager: Any, layout: RunLayout
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every task at every number of shots on one lm-eval model; lm-eval's own output lands per number of shots."""
+    import lm_eval
+
+    e, seed = config.eval, config.run.seed
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for shots in e.shots:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=shots,
+            limit=e.limit,
+            task_manager=manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        if out is None:  # lm-eval returns None on non-zero ranks only
+            raise EvalError("lm-eval returned no results")
+        raw = json.dumps(out, indent=1, default=str).encode()
+        storage.write_bytes(storage.join(layout.eval_dir, f"lm_eval_{shots}shot.json"), raw)
+        for task, metrics in out["results"].items():
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and "stderr" not in k}
+            scores.setdefault(task, {})[str(shots)] = numbers
+    return scores
 
 
 def headline(per_shot: dict[str, dict[str, float]]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ clear errors."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,33 @@ def test_raygpt_eval_refuses_unknown_tasks_and_files(
     assert main([*base, "--shots", "-1"]) == 2
     assert main(["eval", "--export", str(tmp_path / "nothing"), "--set", f"run.dir={tmp_path}"]) == 2
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_failed_evaluation_leaves_no_scoring_actors(
+    tmp_path: Path, exports: dict[str, str], ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A task file whose data is missing fails inside lm-eval, after the scoring actors started: the error is one
+    line, and the actors and their CPUs are gone while the error (and its traceback) is still held."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.eval.run import evaluate
+
+    task = tmp_path / "broken.yaml"
+    task.write_text(
+        "task: raygpt_broken\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'missing.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+    )
+    settings = ["--set", f"run.dir={tmp_path / 'run'}", "--set", "eval.num_workers=2"]
+    assert main(["eval", "--export", exports["a"], "--tasks", str(task), "--shots", "0", *settings]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    config = load_config(None, [f"run.dir={tmp_path / 'run'}", "eval.num_workers=2", f"eval.tasks=[{task}]"])
+    with pytest.raises(FileNotFoundError) as held:
+        evaluate(config, export=exports["a"])
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total
+    assert "missing.jsonl" in str(held.value)
