@@ -43,6 +43,14 @@ os.environ.update(
 atexit.register(shutil.rmtree, os.environ["RAYGPT_CACHE_DIR"], True)
 
 
+def pytest_report_header() -> str:
+    """What a CI log needs to explain a slow or stuck run: cores, memory, and free space where tests write."""
+    free = {path: shutil.disk_usage(path).free / 2**30 for path in (tempfile.gettempdir(), os.getcwd())}
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    disks = ", ".join(f"{path} {gib:.1f} GiB free" for path, gib in free.items())
+    return f"machine: {os.cpu_count()} cores, {memory:.1f} GiB memory; {disks}"
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """A real local Ray shared by the whole session: 4 logical CPUs on this 2-core machine, so that two Serve
