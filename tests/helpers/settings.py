@@ -29,3 +29,18 @@ def tiny_run(run_dir: str, name: str, corpus: str, finetune_train: str, finetune
         f"serve.port={port}",
         "serve.request_timeout_s=120",
     ]
+
+
+def nano_pretrain(run_dir: object, corpus: object, *extra: str) -> list[str]:
+    """``KEY=VALUE`` overrides of the training tests' runs: the nano model on 32-token paragraphs of ``corpus``,
+    4 sequences a micro-batch, 2 warm-up steps; ``extra`` (steps, checkpoints, faults) after them, so it wins."""
+    return [
+        f"run.dir={run_dir}",
+        f"data.inputs=[{corpus}]",
+        "data.txt_document=paragraph",
+        "data.context_length=32",
+        "model.preset=nano",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=2",
+        *extra,
+    ]

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 import requests
-from helpers.ray_state import live_actors, wait_until
+from helpers.ray_state import PretrainThread, live_actors, wait_until
+from helpers.settings import nano_pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "data" / "sample" / "shakespeare"
@@ -182,7 +183,6 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
     from pipeline.config import load_config
     from pipeline.data.build import tokenize_corpus
     from pipeline.layout import RunLayout
-    from pipeline.train.driver import pretrain
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -190,39 +190,20 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
         shutil.copy(SHAKESPEARE / play, corpus / play)
     run = tmp_path / "run"
     config = load_config(
-        overrides=[
-            f"run.dir={run}",
-            f"data.inputs=[{corpus}]",
-            "data.txt_document=paragraph",
-            "data.context_length=32",
-            "model.preset=nano",
+        overrides=nano_pretrain(
+            run,
+            corpus,
             f"train.max_steps={TRAIN_STEPS}",
             f"train.checkpoint_every={CHECKPOINT_EVERY}",
             f"train.eval_every={CHECKPOINT_EVERY}",
             "train.eval_batches=2",
-            "train.micro_batch_size=4",
-            "train.warmup_steps=2",
             "train.max_failures=1",
-        ]
+        )
     )
     tokenize_corpus(config, log=lambda _: None)
 
-    before = {a["ActorID"] for a in live_actors("RayTrainWorker", state=None)}
-    outcome: dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = pretrain(config)
-        except BaseException as exc:  # reported by the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=train, name="pretrain", daemon=True)
-    thread.start()
-    workers = wait_until(
-        lambda: len(found := [a for a in live_actors("RayTrainWorker") if a["ActorID"] not in before]) == 2 and found,
-        180,
-        "2 training workers",
-    )
+    training = PretrainThread(config)
+    thread, outcome, workers = training.thread, training.outcome, training.workers
     live = run / "pretrain" / "metrics.jsonl"  # rank 0 appends a row per step
     experiment = Path(RunLayout.of(config).experiment("pretrain"))  # Ray Train's storage_path is the run dir
 
@@ -246,7 +227,7 @@ def test_killed_train_worker_resumes_from_checkpoint_without_lost_or_repeated_st
     assert summary["steps"] == TRAIN_STEPS
 
     # Ray Train noticed the death and started a new worker group (2 new workers) from the checkpoint
-    table = {a["ActorID"]: a for a in live_actors("RayTrainWorker", state=None) if a["ActorID"] not in before}
+    table = training.started_since()
     assert table[victim["ActorID"]]["State"] == "DEAD"
     assert len(table) == 4, f"expected the 2 workers and a restarted group of 2, got {len(table)} workers"
     assert {a["Pid"] for a in table.values()} > {a["Pid"] for a in workers}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers.ray_state import live_actors
+from helpers.settings import nano_pretrain
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.layout import RunLayout
@@ -23,23 +24,18 @@ DIVERGING_LR = "1.0e+30"  # the first update makes weights so large that the nex
 
 def _config(run_dir: Path, corpus: Path, *extra: str) -> PipelineConfig:
     return load_config(
-        overrides=[
-            f"run.dir={run_dir}",
-            f"data.inputs=[{corpus}]",
-            "data.txt_document=paragraph",
-            "data.context_length=32",
+        overrides=nano_pretrain(
+            run_dir,
+            corpus,
             "data.num_tokenizers=1",
-            "model.preset=nano",
             "train.max_steps=6",
             "train.checkpoint_every=2",
             "train.eval_every=6",
             "train.eval_batches=1",
-            "train.micro_batch_size=4",
-            "train.warmup_steps=2",
             "train.max_failures=2",  # a divergence must not be retried
             "train.num_to_keep=1",  # the last good checkpoint must survive even so
             *extra,
-        ]
+        )
     )
 
 

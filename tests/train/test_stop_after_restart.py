@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import signal
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers.ray_state import live_actors, wait_until
+from helpers.ray_state import PretrainThread, wait_until
+from helpers.settings import nano_pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS, STOP_AFTER, CHECKPOINT_EVERY = 16, 8, 2
@@ -47,47 +46,27 @@ def test_restart_after_a_worker_failure_keeps_the_invocation_stop_step(tmp_path:
     from pipeline.config import load_config
     from pipeline.data.build import tokenize_corpus
     from pipeline.layout import RunLayout
-    from pipeline.train.driver import pretrain
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(REPO / "data" / "sample" / "shakespeare" / "macbeth_gut.txt", corpus)
     run = tmp_path / "run"
     config = load_config(
-        overrides=[
-            f"run.dir={run}",
-            f"data.inputs=[{corpus}]",
-            "data.txt_document=paragraph",
-            "data.context_length=32",
+        overrides=nano_pretrain(
+            run,
+            corpus,
             "data.num_tokenizers=1",
-            "model.preset=nano",
             f"train.max_steps={MAX_STEPS}",
             f"train.stop_after_steps={STOP_AFTER}",
             f"train.checkpoint_every={CHECKPOINT_EVERY}",
             f"train.eval_every={MAX_STEPS}",
             "train.eval_batches=1",
-            "train.micro_batch_size=4",
-            "train.warmup_steps=2",
             "train.max_failures=1",
-        ]
+        )
     )
     tokenize_corpus(config, log=lambda _: None)
-    before = {a["ActorID"] for a in live_actors("RayTrainWorker", state=None)}
-    outcome: dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = pretrain(config)
-        except BaseException as exc:  # reported by the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=train, name="pretrain", daemon=True)
-    thread.start()
-    workers = wait_until(
-        lambda: len(found := [a for a in live_actors("RayTrainWorker") if a["ActorID"] not in before]) == 2 and found,
-        180,
-        "2 training workers",
-    )
+    training = PretrainThread(config)
+    thread, outcome, workers = training.thread, training.outcome, training.workers
     live = run / "pretrain" / "metrics.jsonl"
     experiment = Path(RunLayout.of(config).experiment("pretrain"))
 
@@ -102,7 +81,7 @@ def test_restart_after_a_worker_failure_keeps_the_invocation_stop_step(tmp_path:
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not finish after a worker was killed"
     assert "error" not in outcome, f"the run did not recover: {outcome.get('error')!r}"
-    restarted = {a["ActorID"] for a in live_actors("RayTrainWorker", state=None)} - before
+    restarted = training.started_since()
     assert len(restarted) == 4, f"expected the first group and a restarted one, got {len(restarted)} workers"
 
     summary = outcome["summary"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.settings import nano_pretrain
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.export.format import load_export
@@ -23,25 +24,20 @@ PLAYS = ["macbeth_gut.txt", "tempest_gut.txt", "julius_caesar_gut.txt"]
 def _config(run_dir: Path, *extra: str) -> PipelineConfig:
     corpus = run_dir.parent / "corpus"
     return load_config(
-        overrides=[
-            f"run.dir={run_dir}",
-            f"data.inputs=[{corpus}]",
-            "data.txt_document=paragraph",
-            "data.context_length=32",
-            "model.preset=nano",
+        overrides=nano_pretrain(
+            run_dir,
+            corpus,
             "train.max_steps=6",
             "train.checkpoint_every=3",
             "train.eval_every=3",
             "train.eval_batches=2",
-            "train.micro_batch_size=4",
-            "train.warmup_steps=2",
             "train.max_failures=0",
             "finetune.max_steps=3",
             "finetune.micro_batch_size=4",
             f"finetune.inputs=[{run_dir.parent / 'ft' / 'train.jsonl'}]",
             f"finetune.eval_inputs=[{run_dir.parent / 'ft' / 'heldout.jsonl'}]",
             *extra,
-        ]
+        )
     )
 
 
