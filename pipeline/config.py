@@ -128,6 +128,15 @@ class TrainSection(Section):
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     eval_every: int = Field(100, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(8, ge=1, description="Micro-batches per validation evaluation.")
+    eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval log-likelihood tasks (names or YAML files) scored at every validation evaluation "
+        "(0-shot unless a task's YAML sets num_fewshot) into metrics.jsonl as lm_eval/<task>/<metric>, e.g. "
+        "[raygpt_speaker]; empty: off.",
+    )
+    eval_task_limit: int | None = Field(
+        64, ge=1, description="Items per task at each in-training task evaluation; empty: every item."
+    )
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from a checkpoint.")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
     peak_tflops: float | None = Field(None, gt=0, description="Per-worker peak TFLOP/s for MFU; empty: measured.")

@@ -5,6 +5,9 @@ Scoring follows lm-eval's ``hf`` backend token for token, so the two agree on th
 context and continuation are joined and left-truncated to ``context_length + 1`` tokens, the model sees all but the
 last, and the continuation's tokens are scored from the last positions; rolling log-likelihoods use lm-eval's own
 windows (``<|endoftext|>`` first, ``context_length`` tokens each). Generation runs raygpt's engine greedily.
+
+:class:`TokenScoringLM` is lm-eval's side alone (requests to token pairs and back); what scores the pairs is
+handed to it: :class:`Scorer` on an export here, the training engine's ranks in :mod:`pipeline.train.task_eval`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,30 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 Scored = tuple[float, bool]
 
 
+@torch.no_grad()  # not inference_mode: DeepSpeed ZeRO-3 gathers parameters into these forwards
+def score_pairs(
+    model: Any, requests: list[tuple[list[int], int]], batch_size: int, device: torch.device | None = None
+) -> list[Scored]:
+    """``(tokens, n)``: the log-probability of the last ``n`` of ``tokens`` given the ones before, and whether each
+    of them is the greedy choice; ``model`` maps input ids to an output with ``.logits``, ``batch_size`` rows at a
+    time (right padding: causal rows ignore it)."""
+    results: list[Scored] = []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start : start + batch_size]
+        width = max(len(tokens) - 1 for tokens, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (tokens, _) in enumerate(batch):
+            ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+        logits = model(ids if device is None else ids.to(device)).logits
+        for row, (tokens, n) in enumerate(batch):
+            end = len(tokens) - 1
+            logp = torch.log_softmax(logits[row, end - n : end].float(), dim=-1).cpu()
+            target = torch.tensor(tokens[-n:])
+            value = float(logp.gather(1, target[:, None]).sum())
+            results.append((value, bool((logp.argmax(-1) == target).all())))
+    return results
+
+
 class Scorer:
     """One export in memory; scores (input ids, continuation length) pairs and generates. In-process, or the body
     of a Ray actor."""
@@ -32,25 +59,8 @@ class Scorer:
         self.model = self.engine.model
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def score(self, requests: list[tuple[list[int], int]]) -> list[Scored]:
-        """``(tokens, n)``: the log-probability of the last ``n`` of ``tokens`` given the ones before, and whether
-        each of them is the greedy choice."""
-        results: list[Scored] = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start : start + self.batch_size]
-            width = max(len(tokens) - 1 for tokens, _ in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, (tokens, _) in enumerate(batch):
-                ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])  # right padding: causal rows ignore it
-            logits = self.model(ids).logits
-            for row, (tokens, n) in enumerate(batch):
-                end = len(tokens) - 1
-                logp = torch.log_softmax(logits[row, end - n : end].float(), dim=-1)
-                target = torch.tensor(tokens[-n:])
-                value = float(logp.gather(1, target[:, None]).sum())
-                results.append((value, bool((logp.argmax(-1) == target).all())))
-        return results
+        return score_pairs(self.model, requests, self.batch_size)
 
     def generate(self, requests: list[tuple[list[int], int, list[str]]]) -> list[str]:
         from pipeline.inference.sampling import SamplingParams
@@ -63,44 +73,29 @@ class Scorer:
         return [completion.text for completion in self.engine.generate(prompts, params)]
 
 
-@register_model("raygpt")
-class RaygptLM(TemplateLM):
-    """lm-eval's view of a raygpt export. ``num_workers`` > 1 starts that many Ray actors (``num_cpus`` each)
-    and splits every batch of requests among them in order."""
+class TokenScoringLM(TemplateLM):
+    """lm-eval's API on token ids: every request becomes (tokens, continuation length) pairs or greedy
+    generations, handed in order to ``scorers`` (objects with ``score`` and ``generate``; Ray actor handles when
+    ``remote``), one contiguous share each."""
 
     def __init__(
         self,
-        export: str,
-        batch_size: int | str = 8,
-        num_workers: int | str = 1,
-        num_cpus: float | str = 1,
-        tokenizer_file: str | None = None,
-        max_gen_toks: int | str = 256,
+        tokenizer: Any,
+        context_length: int,
+        scorers: list[Any],
+        remote: bool = False,
         max_length: int | str | None = None,
-        **_ignored: Any,
+        max_gen_toks: int | str = 256,
     ) -> None:
         super().__init__()
-        from pipeline.export.format import read_export_info
-        from pipeline.model.tokenizer import get_tokenizer
-
-        info, _ = read_export_info(export)
-        self.tokenizer = get_tokenizer(info.tokenizer.get("name", "r50k_base"), tokenizer_file)
-        self.context_length = info.model.context_length
+        self.tokenizer = tokenizer
+        self.context_length = context_length
         if max_length is not None and not 1 < int(max_length) <= self.context_length:
-            raise ValueError(f"max_length must be in (1, {self.context_length}], the export's context")
+            raise ValueError(f"max_length must be in (1, {self.context_length}], the model's context")
         self.window = int(max_length) if max_length is not None else self.context_length
         self.max_gen_toks = int(max_gen_toks)
-        size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is lm-eval's: a fixed size here
-        workers = max(1, int(num_workers))
-        if workers == 1:
-            self.scorers: list[Any] = [Scorer(export, tokenizer_file, size)]
-            self.remote = False
-        else:
-            import ray
-
-            actor = ray.remote(num_cpus=float(num_cpus))(Scorer)
-            self.scorers = [actor.remote(export, tokenizer_file, size) for _ in range(workers)]
-            self.remote = True
+        self.scorers = scorers
+        self.remote = remote
 
     def close(self) -> None:
         """End the scoring actors now. Their handles alone would keep them (and their CPUs) for as long as
@@ -178,3 +173,36 @@ class RaygptLM(TemplateLM):
         chunks = [items[i : i + share] for i in range(0, len(items), share)]
         refs = [getattr(scorer, method).remote(chunk) for scorer, chunk in zip(self.scorers, chunks, strict=False)]
         return [result for chunk in ray.get(refs) for result in chunk]
+
+
+@register_model("raygpt")
+class RaygptLM(TokenScoringLM):
+    """lm-eval's view of a raygpt export. ``num_workers`` > 1 starts that many Ray actors (``num_cpus`` each)
+    and splits every batch of requests among them in order."""
+
+    def __init__(
+        self,
+        export: str,
+        batch_size: int | str = 8,
+        num_workers: int | str = 1,
+        num_cpus: float | str = 1,
+        tokenizer_file: str | None = None,
+        max_gen_toks: int | str = 256,
+        max_length: int | str | None = None,
+        **_ignored: Any,
+    ) -> None:
+        from pipeline.export.format import read_export_info
+        from pipeline.model.tokenizer import get_tokenizer
+
+        info, _ = read_export_info(export)
+        tokenizer = get_tokenizer(info.tokenizer.get("name", "r50k_base"), tokenizer_file)
+        size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is lm-eval's: a fixed size here
+        workers = max(1, int(num_workers))
+        if workers == 1:
+            scorers: list[Any] = [Scorer(export, tokenizer_file, size)]
+        else:
+            import ray
+
+            actor = ray.remote(num_cpus=float(num_cpus))(Scorer)
+            scorers = [actor.remote(export, tokenizer_file, size) for _ in range(workers)]
+        super().__init__(tokenizer, info.model.context_length, scorers, workers > 1, max_length, max_gen_toks)

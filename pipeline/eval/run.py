@@ -29,16 +29,17 @@ class EvalError(ValueError):
     """An evaluation the user asked for cannot run (no export, unknown task, unreachable endpoint)."""
 
 
-def _tasks(config: PipelineConfig, include: Path) -> tuple[list[str], Any]:
-    """Task names and the lm-eval TaskManager that knows them: the shipped tasks, every registry task, and the
-    tasks of the YAML files named (their folders join the include path)."""
+def load_tasks(requested: list[str], include: Path) -> tuple[list[str], Any]:
+    """Task names and the lm-eval TaskManager that knows them: the shipped tasks (written into ``include``),
+    every registry task, and the tasks of the YAML files named (their folders join the include path). No names:
+    the shipped tasks."""
     import yaml
     from lm_eval.tasks import TaskManager
 
     from pipeline.eval.tasks import TASKS, write_task_dir
 
     paths, names = [str(write_task_dir(include))], []
-    for name in config.eval.tasks or sorted(TASKS):
+    for name in requested or sorted(TASKS):
         if name.endswith((".yaml", ".yml")):
             file = Path(name)
             if not file.is_file():
@@ -98,7 +99,7 @@ def evaluate(config: PipelineConfig, export: str | None = None, endpoint: str | 
     layout = RunLayout.of(config)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raygpt-eval-") as include:
-        tasks, manager = _tasks(config, Path(include))
+        tasks, manager = load_tasks(config.eval.tasks, Path(include))
         # one model for every number of shots: the export is loaded (and its actors started) once
         lm = lm_eval.api.registry.get_model(model).create_from_arg_string(model_args, {"batch_size": e.batch_size})
         try:

@@ -187,6 +187,9 @@ def _finish(
         total_numel=result.metrics.get("total_numel"),
         node_ids=result.metrics.get("node_ids"),
     )
+    scored = [r for r in rows if any(key.startswith("lm_eval/") for key in r)]
+    if scored:  # train.eval_tasks: the last evaluation's scores
+        summary["tasks"] = {key: value for key, value in scored[-1].items() if key.startswith("lm_eval/")}
     return summary
 
 

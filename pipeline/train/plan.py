@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -54,6 +55,9 @@ class TrainPlan:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""  # the dataset manifest's fingerprint
     init_fingerprint: str = ""  # sha256 of the weights fine-tuning starts from
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks scored at each validation evaluation (YAML files absolute)
+    eval_task_limit: int | None = None
+    tokenizer_file: str | None = None  # data.tokenizer_file, for an encoding that is not shipped
 
     @property
     def global_batch(self) -> int:
@@ -71,6 +75,7 @@ class TrainPlan:
     def from_json(cls, data: dict[str, Any]) -> TrainPlan:
         data = dict(data)
         data["betas"] = tuple(data["betas"])
+        data["eval_tasks"] = tuple(data.get("eval_tasks", ()))
         return cls(**data)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -152,6 +157,16 @@ def make_plan(config: PipelineConfig, stage: Stage) -> TrainPlan:
             config.finetune.max_steps,
             config.finetune.micro_batch_size,
         )
+    eval_tasks = tuple(
+        str(Path(name).resolve()) if name.endswith((".yaml", ".yml")) else name for name in settings.eval_tasks
+    )
+    if eval_tasks:
+        from pipeline.train.task_eval import check_tasks
+
+        try:
+            check_tasks(list(eval_tasks))
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
     if n_vocab > model.vocab_size:
         raise TrainError(
             f"the dataset's tokenizer has {n_vocab} tokens but the model's vocabulary is {model.vocab_size}"
@@ -201,4 +216,7 @@ def make_plan(config: PipelineConfig, stage: Stage) -> TrainPlan:
         tokenizer=tokenizer,
         data_fingerprint=str(manifest.fingerprint),
         init_fingerprint=init_fingerprint,
+        eval_tasks=eval_tasks,
+        eval_task_limit=settings.eval_task_limit,
+        tokenizer_file=config.data.tokenizer_file,
     )

@@ -1,11 +1,11 @@
 """The function every Ray Train worker runs: one DeepSpeed ZeRO-3 rank.
 
 The loop reads: build the engine (:mod:`.deepspeed`), restore (:mod:`.checkpoint`), then per step take this rank's
-micro-batches (:mod:`.batches`), step, log the metrics (:mod:`.metrics`), evaluate (:mod:`.evaluate`) and
-checkpoint. A step whose loss, gradient norm or validation loss is not finite, or whose weights give a non-finite
-loss on the next batch, diverged (:func:`divergence`): every rank stops before checkpointing it, and the loop
-returns the divergence for the driver to report. DeepSpeed is imported here, inside the worker, never on the
-driver (ray #50406).
+micro-batches (:mod:`.batches`), step, log the metrics (:mod:`.metrics`), evaluate (:mod:`.evaluate`, and the
+lm-eval tasks of :mod:`.task_eval`) and checkpoint. A step whose loss, gradient norm or validation loss is not
+finite, or whose weights give a non-finite loss on the next batch, diverged (:func:`divergence`): every rank stops
+before checkpointing it, and the loop returns the divergence for the driver to report. DeepSpeed is imported here,
+inside the worker, never on the driver (ray #50406).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pipeline.train.deepspeed import build_model, deepspeed_config, param_groups
 from pipeline.train.evaluate import all_reduce_sum, validation_loss
 from pipeline.train.metrics import MetricsLog, measure_peak_flops
 from pipeline.train.plan import TrainPlan
+from pipeline.train.task_eval import TaskEvaluator
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -69,6 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     token_flops = flops_per_token(model_config, plan.context_length)
     progress = _progress_bar(plan, step) if rank == 0 else None
     last_val: dict[str, float] = {}
+    tasks = TaskEvaluator(plan, engine, rank, world, device) if plan.eval_tasks else None
 
     diverged: dict[str, Any] | None = None
     while step < stop_at:
@@ -106,6 +108,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         }
         if step % plan.eval_every == 0 or step == plan.max_steps:
             last_val = validation_loss(engine, batches, device)
+            if tasks is not None:
+                last_val.update(tasks.scores())
             row.update(last_val)
         log.append(row)
         if progress is not None:
