@@ -41,6 +41,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.tokenize $(BENCH_TOKENIZE_ARGS)
 	$(BIN)/python -m bench.train $(BENCH_TRAIN_ARGS)
 	$(BIN)/python -m bench.serve $(BENCH_SERVE_ARGS)
+	$(BIN)/python -m bench.minhash
 	$(BIN)/python -m bench.report > /dev/null
 	@echo "wrote bench/RESULTS.md"
 

@@ -44,10 +44,61 @@ class RunSection(Section):
     seed: int = Field(1337, description="Seed for data splits, initialization and sampling.")
 
 
+class SourceSection(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The source's name in the manifest and the run summary."
+    )
+    inputs: list[str] = Field(min_length=1, description="Files, globs or directories of this source (as data.inputs).")
+    weight: float = Field(
+        1.0, gt=0, description="Share of training sequences drawn from this source (weights are normalized)."
+    )
+
+
+DEFAULT_SOURCE = "corpus"  # the one source that data.inputs stands for
+
+
+class DedupSection(Section):
+    exact: bool = Field(
+        False, description="Drop documents whose words repeat another's (case, spacing and punctuation aside)."
+    )
+    near: bool = Field(False, description="Drop near duplicates: MinHash + LSH over word n-grams (rensa).")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="Estimated Jaccard similarity at or above which two documents are near dups."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
+    bands: int = Field(
+        16, ge=1, description="LSH bands (num_perm / bands rows each); candidates are verified against threshold."
+    )
+    ngram: int = Field(5, ge=1, description="Words per shingle of the near-duplicate MinHash.")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupSection:
+        if self.num_perm % self.bands:
+            raise ValueError(f"dedup.bands ({self.bands}) must divide dedup.num_perm ({self.num_perm})")
+        return self
+
+
+class DecontaminateSection(Section):
+    against: list[str] | None = Field(
+        None,
+        description="JSONL evaluation sets whose text training must not contain (every string field of a record); "
+        "empty: finetune.eval_inputs and the shipped eval tasks.",
+    )
+    ngram: int = Field(13, ge=1, description="Words of an overlap that marks a training document (GPT-3: 13).")
+    action: Literal["remove", "flag"] = Field(
+        "remove", description="Remove contaminated training documents, or only count them in the manifest."
+    )
+
+
 class DataSection(Section):
     inputs: list[str] = Field(
         default_factory=lambda: ["data/sample/shakespeare"],
-        description="Files, globs or directories (local or s3:// gs:// file:// URIs) of .txt, .jsonl or .parquet.",
+        description="Files, globs or directories (local or s3:// gs:// file:// URIs) of .txt, .jsonl or .parquet: "
+        f"one source named {DEFAULT_SOURCE!r}, the shorthand of data.sources.",
+    )
+    sources: list[SourceSection] = Field(
+        default_factory=list,
+        description="Named inputs, each with a sampling weight (GPT-3's mixture); given, it replaces data.inputs.",
     )
     context_length: int = Field(128, ge=8, description="Tokens per training sequence (<= the model's context).")
     tokenizer: str = Field("r50k_base", description="tiktoken encoding name; r50k_base (GPT-2/GPT-3) ships offline.")
@@ -74,6 +125,23 @@ class DataSection(Section):
     num_tokenizers: int | None = Field(
         None, ge=1, description="Tokenizer actors of `raygpt tokenize`; empty: one per CPU of the Ray cluster."
     )
+    dedup: DedupSection = Field(default_factory=DedupSection, description="Deduplication of documents.")
+    decontaminate: DecontaminateSection | None = Field(
+        None, description="Remove (or flag) training documents that overlap evaluation sets; empty: off."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_inputs(self) -> DataSection:
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: names must be unique, got {names}")
+        if self.sources and "inputs" in self.model_fields_set:
+            raise ValueError("give data.sources or data.inputs, not both (data.inputs is one source's shorthand)")
+        return self
+
+    def source_list(self) -> list[SourceSection]:
+        """The configured sources; data.inputs as the one source ``corpus`` when none are."""
+        return list(self.sources) or [SourceSection(name=DEFAULT_SOURCE, inputs=list(self.inputs))]
 
 
 class ModelSection(Section):

@@ -30,13 +30,21 @@ def _type_name(annotation: Any) -> str:
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
-    defaults = model()
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = [
             a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)
         ]
-        default = getattr(defaults, name)
+        if field.is_required():
+            type_name = _type_name(annotation).replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {type_name} | (required) | {field.description or ''} |")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if nested and typing.get_origin(annotation) is list:
+            shown = json.dumps(default)
+            rows.append(f"| `{prefix}{name}` | list of mappings | `{shown}` | {field.description or ''} |")
+            rows += _rows(nested[0], f"{prefix}{name}[].")
+            continue
         if nested and default is None:
             rows.append(f"| `{prefix}{name}` | mapping or null | null | {field.description or ''} |")
             rows += _rows(nested[0], f"{prefix}{name}.")

@@ -171,6 +171,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     )
     if added or removed or modified:
         changed.append(f"inputs: {added} added, {removed} removed, {modified} changed")
+    if old.get("blend") != new.get("blend"):
+        changed.append(f"sources: {old.get('blend')} -> {new.get('blend')}")
     return "; ".join(changed[:6]) or "a different build"
 
 

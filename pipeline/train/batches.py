@@ -12,10 +12,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.train.order import ChunkedReader, SequenceOrder
+from pipeline.train.order import BlendedOrder, ChunkedReader, SequenceOrder
 from pipeline.train.plan import TrainPlan
 
 IGNORE = -100  # cross_entropy's ignore_index: targets that carry no loss
+
+
+def training_order(manifest: Any, num_sequences: int, seed: int) -> SequenceOrder | BlendedOrder:
+    """The train split's order: one source's :class:`SequenceOrder`, or the weighted blend of the manifest's
+    sources (their sequences lie one source after the other in the split, in manifest order)."""
+    sources = manifest.data.get("sources") or {}
+    if len(sources) < 2:
+        return SequenceOrder(num_sequences, seed)
+    sizes = [int(info["splits"]["train"]["sequences"]) for info in sources.values()]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    return BlendedOrder(sizes, [float(info["weight"]) for info in sources.values()], seed, offsets)
+
+
+def source_usage(manifest: Any, consumed: int, seed: int) -> dict[str, dict[str, float]]:
+    """What the first ``consumed`` positions of the train order took from each source: ``tokens_by_source``
+    (target tokens) and ``epochs_by_source`` (passes over the source's train sequences)."""
+    sources = manifest.data.get("sources") or {"corpus": {"splits": {"train": manifest.data["splits"]["train"]}}}
+    sizes = [int(info["splits"]["train"]["sequences"]) for info in sources.values()]
+    order = training_order(manifest, sum(sizes), seed)
+    counts = order.positions_by_source(consumed) if isinstance(order, BlendedOrder) else np.array([consumed])
+    targets = manifest.sequence_length - 1
+    rows = list(zip(sources, counts, sizes, strict=True))
+    return {
+        "tokens_by_source": {name: int(n) * targets for name, n, _ in rows},
+        "epochs_by_source": {name: round(int(n) / size, 4) for name, n, size in rows},
+    }
 
 
 class Batches:
@@ -31,7 +57,7 @@ class Batches:
         self.plan, self.rank, self.world = plan, rank, world
         self.train = self.open(manifest, self.train_split)
         self.val = self.open(manifest, self.eval_split)
-        self.order = SequenceOrder(len(self.train), plan.seed)
+        self.order = training_order(manifest, len(self.train), plan.seed)
         self.reader = ChunkedReader(self.train, self.order.chunk, cache_chunks=self.order.window + 1)
 
     def open(self, manifest: Any, split: str) -> Any:

@@ -224,6 +224,9 @@ def _pretrain(config: PipelineConfig, fresh: bool) -> dict[str, Any]:
     # (add-one smoothed) on the validation targets, the like-for-like yardstick for val_loss.
     summary: dict[str, Any] = {"stage": "pretrain", "unigram_ce": unigram, "unigram_val_ce": unigram_val}
     summary = _finish(config, plan, result, summary, unigram_val or unigram)
+    from pipeline.train.batches import source_usage
+
+    summary.update(source_usage(manifest, summary["steps"] * plan.global_batch, plan.seed))
     summary["export"] = consolidate(
         summary["checkpoint"],
         plan,

@@ -63,6 +63,64 @@ class SequenceOrder:
         return consumed + (micro_step * world + rank) * micro_batch_size
 
 
+class BlendedOrder:
+    """Sources mixed by weight, GPT-3 style (not in proportion to their sizes): position ``p`` of the stream goes
+    to one source by a fixed pattern, and the ``k``-th position of a source to its own :class:`SequenceOrder`,
+    epoch after epoch, so a small source with a large weight is repeated (upsampled) and a large one with a small
+    weight is not exhausted.
+
+    The pattern repeats every ``period`` positions: each source gets its largest-remainder share of the period's
+    slots, interleaved so that after any prefix every source is within one position of its exact share (the
+    largest-deficit rule of Megatron's BlendableDataset). A position maps to its source and rank within the source
+    in O(1), so resuming at any position is exact and nothing is precomputed per step.
+    ``offsets[s]`` is where source ``s``'s sequences start in the store that holds them all (manifest order).
+    """
+
+    def __init__(
+        self, sizes: list[int], weights: list[float], seed: int, offsets: list[int], period: int = 1000
+    ) -> None:
+        if any(size <= 0 for size in sizes):
+            raise ValueError("every source needs at least one training sequence")
+        shares = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        slots = np.floor(shares * period).astype(np.int64)
+        for s in np.argsort(-(shares * period - slots), kind="stable")[: period - int(slots.sum())]:
+            slots[s] += 1
+        pattern = np.empty(period, dtype=np.int64)
+        taken = np.zeros(len(sizes), dtype=np.int64)
+        for i in range(period):
+            s = int(np.argmax(slots * (i + 1) / period - taken))  # the source furthest behind its share
+            pattern[i] = s
+            taken[s] += 1
+        self.period, self.slots, self.pattern = period, slots, pattern
+        # rank[i]: how many earlier positions of the period went to pattern[i]'s source
+        self.rank = np.empty(period, dtype=np.int64)
+        seen = np.zeros(len(sizes), dtype=np.int64)
+        for i, s in enumerate(pattern):
+            self.rank[i] = seen[s]
+            seen[s] += 1
+        self.orders = [SequenceOrder(size, seed + s) for s, size in enumerate(sizes)]
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.shares = shares
+        self.chunk = min(order.chunk for order in self.orders)
+        self.window = sum(order.window for order in self.orders)
+
+    def positions_by_source(self, count: int) -> np.ndarray:
+        """How many of the first ``count`` positions each source got."""
+        blocks, rest = divmod(count, self.period)
+        return blocks * self.slots + np.bincount(self.pattern[:rest], minlength=len(self.orders))
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        positions = np.arange(start, start + count)
+        blocks, within = np.divmod(positions, self.period)
+        source = self.pattern[within]
+        local = blocks * self.slots[source] + self.rank[within]  # position within the source's own stream
+        out = np.empty(count, dtype=np.int64)
+        for s in np.unique(source):
+            mask = source == s  # a source's positions in a range of the stream are consecutive in its own stream
+            out[mask] = self.offsets[s] + self.orders[int(s)].indices(int(local[mask][0]), int(mask.sum()))
+        return out
+
+
 class ChunkedReader:
     """Random access by index over a source that reads contiguous ranges, caching the chunks in use."""
 

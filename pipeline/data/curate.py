@@ -1,0 +1,250 @@
+"""GPT-3's curation of the pretraining corpus as Ray Data stages: exact and near-duplicate documents, and training
+documents that overlap the evaluation sets (Brown et al. 2020, section 2.2 and appendix C).
+
+A first pass over the documents computes per document, on a pool of actors, a small record: its key (input file
+and position), a hash of its normalized text, its MinHash signature (rensa, word n-gram shingles) cut into LSH
+bands, and whether one of its word n-grams occurs in an evaluation set. Grouping by hash (exact) and by band
+(near) runs as Ray Data groupbys, so the work spreads over the cluster; only the keys of the documents to drop come
+back to the driver. In every group of duplicates the document with the smallest key (first in input order)
+survives, so the survivors do not depend on block order or the number of workers. Near duplicates are pairs that
+share a band and whose signatures estimate a Jaccard similarity of at least ``dedup.threshold``; a chain of them
+keeps only its first document. Only the train split is decontaminated: validation text never trains the model.
+
+The documents dropped are then filtered out of the tokenize pass (:func:`drop_documents`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.documents import KIND_DOCUMENT, TRAIN
+
+KEY_FILE_SHIFT = 40  # key = file_index << 40 | doc_index: input order, and the file it came from
+WORD = re.compile(r"\w+")
+
+
+def document_keys(file_index: np.ndarray, doc_index: np.ndarray) -> np.ndarray:
+    return (file_index.astype(np.int64) << KEY_FILE_SHIFT) | doc_index.astype(np.int64)
+
+
+def file_of(keys: np.ndarray) -> np.ndarray:
+    return np.asarray(keys, dtype=np.int64) >> KEY_FILE_SHIFT
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word characters: the unit of shingles and of evaluation overlaps (punctuation and spacing
+    differences do not hide an overlap)."""
+    return WORD.findall(text.lower())
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def ngram_hashes(text: str, n: int) -> set[int]:
+    tokens = words(text)
+    return {_hash64(" ".join(tokens[i : i + n]).encode()) for i in range(len(tokens) - n + 1)}
+
+
+def evaluation_ngrams(paths: list[str], n: int) -> np.ndarray:
+    """Sorted hashes of every word n-gram of every string field of every JSONL record in ``paths``."""
+    from pipeline.data.errors import DataError
+
+    found: set[int] = set()
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise DataError(f"data.decontaminate.against: cannot read {path} ({exc.strerror or exc})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"data.decontaminate.against: {path} line {number}: not JSON ({exc.msg})") from None
+            found |= ngram_hashes(" ".join(_strings(record)), n)
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+class Fingerprints:
+    """Ray Data actor: document rows to one record per document (``key``, ``exact``, ``bands``, ``signature``,
+    ``contaminated``)."""
+
+    def __init__(self, settings: dict[str, Any], evaluation: list[Any]) -> None:
+        import ray
+
+        self.s = settings
+        self.evaluation = ray.get(evaluation[0]) if evaluation else np.empty(0, np.int64)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from rensa import RMinHash
+
+        is_doc = batch.column("kind").to_numpy() == KIND_DOCUMENT
+        table = batch.filter(pa.array(is_doc))
+        keys = document_keys(table.column("file_index").to_numpy(), table.column("doc_index").to_numpy())
+        train = table.column("split").to_numpy() == TRAIN
+        exact, bands, signatures, contaminated = [], [], [], []
+        s = self.s
+        rows = s["num_perm"] // s["bands"]
+        for text, is_train in zip(table.column("text").to_pylist(), train, strict=True):
+            tokens = words(text)
+            exact.append(_hash64(" ".join(tokens).encode()) if s["exact"] else 0)
+            if s["near"]:
+                n = s["ngram"]
+                shingles = [" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))]
+                minhash = RMinHash(num_perm=s["num_perm"], seed=s["seed"])
+                minhash.update(shingles)
+                signature = np.asarray(minhash.digest(), dtype=np.uint32)
+                bands.append(
+                    [_hash64(bytes([b]) + signature[b * rows : (b + 1) * rows].tobytes()) for b in range(s["bands"])]
+                )
+                signatures.append(signature.tobytes())
+            else:
+                bands.append([])
+                signatures.append(b"")
+            hit = False
+            if is_train and len(self.evaluation):
+                grams = np.fromiter(ngram_hashes(text, s["contamination_ngram"]), np.int64)
+                hit = bool(np.isin(grams, self.evaluation, assume_unique=True).any())
+            contaminated.append(hit)
+        return pa.table(
+            {
+                "key": pa.array(keys, pa.int64()),
+                "exact": pa.array(exact, pa.int64()),
+                "bands": pa.array(bands, pa.list_(pa.int64())),
+                "signature": pa.array(signatures, pa.binary()),
+                "contaminated": pa.array(contaminated, pa.bool_()),
+            }
+        )
+
+
+def _later_keys(group: pa.Table) -> pa.Table:
+    """Every key of a group of exact duplicates but the smallest."""
+    keys = np.sort(group.column("key").to_numpy())
+    return pa.table({"key": pa.array(keys[1:], pa.int64())})
+
+
+def _explode_bands(batch: pa.Table) -> pa.Table:
+    """One row per (document, band): the band's bucket, the document's key and signature."""
+    counts = np.asarray([len(b) for b in batch.column("bands").to_pylist()], dtype=np.int64)
+    buckets = batch.column("bands").combine_chunks().flatten()
+    repeat = np.repeat(np.arange(len(batch)), counts)
+    return pa.table(
+        {
+            "bucket": buckets,
+            "key": pa.array(batch.column("key").to_numpy()[repeat], pa.int64()),
+            "signature": batch.column("signature").take(pa.array(repeat)),
+        }
+    )
+
+
+def _similar_pairs(group: pa.Table, threshold: float) -> pa.Table:
+    """(first, other) pairs of a band's bucket whose signatures agree on at least ``threshold`` of the slots."""
+    order = np.argsort(group.column("key").to_numpy(), kind="stable")
+    keys = group.column("key").to_numpy()[order]
+    signatures = [group.column("signature")[int(i)].as_py() for i in order]
+    firsts, others = [], []
+    if len(keys) > 1:
+        matrix = np.stack([np.frombuffer(sig, dtype=np.uint32) for sig in signatures])
+        for i in range(len(keys)):
+            similar = (matrix[i + 1 :] == matrix[i]).mean(axis=1) >= threshold
+            for j in np.flatnonzero(similar) + i + 1:
+                firsts.append(keys[i])
+                others.append(keys[j])
+    return pa.table({"first": pa.array(firsts, pa.int64()), "other": pa.array(others, pa.int64())})
+
+
+def _contaminated_keys(batch: pa.Table) -> pa.Table:
+    return pa.table({"key": batch.column("key").filter(batch.column("contaminated"))})
+
+
+def _components(pairs: list[tuple[int, int]]) -> dict[int, int]:
+    """Each key of ``pairs`` to the smallest key of its connected component (union-find)."""
+    parent: dict[int, int] = {}
+
+    def root(key: int) -> int:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {key: root(key) for key in parent}
+
+
+def find_drops(documents: Any, settings: dict[str, Any], evaluation: np.ndarray | None, workers: int) -> dict[str, Any]:
+    """Keys of the documents to drop for each reason: ``exact``, ``near`` (beyond the exact ones) and
+    ``contaminated`` (train split only); each a sorted int64 array."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    refs = [ray.put(evaluation)] if evaluation is not None and len(evaluation) else []
+    records = documents.map_batches(
+        Fingerprints,
+        fn_constructor_kwargs={"settings": settings, "evaluation": refs},
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+    ).materialize()
+    empty = np.empty(0, np.int64)
+    exact = empty
+    if settings["exact"]:
+        dups = records.select_columns(["exact", "key"]).groupby("exact").map_groups(_later_keys, batch_format="pyarrow")
+        exact = np.sort(np.asarray([row["key"] for row in dups.iter_rows()], dtype=np.int64))
+    near = empty
+    if settings["near"]:
+        pairs = (
+            records.select_columns(["key", "bands", "signature"])
+            .map_batches(_explode_bands, batch_format="pyarrow", batch_size=None)
+            .groupby("bucket")
+            .map_groups(_similar_pairs, batch_format="pyarrow", fn_kwargs={"threshold": settings["threshold"]})
+        )
+        roots = _components([(int(row["first"]), int(row["other"])) for row in pairs.iter_rows()])
+        later = np.asarray([key for key, first in roots.items() if key != first], dtype=np.int64)
+        near = np.setdiff1d(later, exact)
+    contaminated = empty
+    if refs:
+        flagged = records.map_batches(_contaminated_keys, batch_format="pyarrow", batch_size=None)
+        contaminated = np.setdiff1d(
+            np.asarray([row["key"] for row in flagged.iter_rows()], dtype=np.int64), np.union1d(exact, near)
+        )
+    return {"exact": exact, "near": near, "contaminated": contaminated}
+
+
+def drop_documents(batch: pa.Table, dropped: list[Any]) -> pa.Table:
+    """Ray Data ``map_batches``: the batch without the documents whose keys are in ``dropped`` (an object ref of
+    a sorted int64 array); file summary rows stay."""
+    import ray
+
+    keys = ray.get(dropped[0])
+    if not len(keys):
+        return batch
+    row_keys = document_keys(batch.column("file_index").to_numpy(), batch.column("doc_index").to_numpy())
+    position = np.minimum(np.searchsorted(keys, row_keys), len(keys) - 1)
+    hit = (keys[position] == row_keys) & (batch.column("kind").to_numpy() == KIND_DOCUMENT)
+    return batch.filter(pa.array(~hit))

@@ -1,0 +1,99 @@
+"""Curation in the data stage (``data.dedup``, ``data.decontaminate``) on a two-source corpus with planted exact
+duplicates (another case and spacing), near duplicates (one word changed) and planted evaluation text: the manifest
+counts each per source, the first of each group of duplicates survives, the survivors are the same whatever the
+number of actors, and ``action: flag`` keeps and counts instead of removing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.data.build import tokenize_corpus
+from pipeline.data.reader import SequenceStore, load_manifest
+from pipeline.layout import RunLayout
+from pipeline.model.tokenizer import get_tokenizer
+
+VOCAB = "river stone cloud lantern meadow copper violet harbor thistle ember orchard quartz willow falcon".split()
+EVALUATION = "the tide of the ancient harbor carried seven silver boats past the lighthouse at dawn"
+
+
+def words(seed: int, n: int = 80) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [VOCAB[i] for i in rng.integers(0, len(VOCAB), n)]
+
+
+def planted(tmp_path: Path) -> list[str]:
+    exact = " ".join(words(1))
+    near = words(2)
+    changed = [*near[:40], "zebra", *near[41:]]
+    web = [
+        exact,
+        " ".join(words(3)),
+        " ".join(near),
+        "  ".join(exact.upper().split()),  # the exact duplicate: another case and spacing
+        " ".join(changed),  # the near duplicate: one word of 80 changed
+        " ".join(words(4)[:30]) + " " + EVALUATION + " markedcontaminated",
+        *(" ".join(words(10 + i)) for i in range(6)),
+    ]
+    (tmp_path / "web").mkdir(exist_ok=True)
+    (tmp_path / "web" / "pages.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in web))
+    (tmp_path / "books").mkdir(exist_ok=True)
+    (tmp_path / "books" / "book.txt").write_text("\n\n".join(" ".join(words(100 + i)) for i in range(30)) + "\n")
+    (tmp_path / "books" / "copy.txt").write_text(exact + "\n")  # a duplicate across sources: the web's is first
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"question": EVALUATION.upper() + "?", "answer": "x"}) + "\n")
+    sources = [
+        {"name": "web", "inputs": [str(tmp_path / "web")], "weight": 0.5},
+        {"name": "books", "inputs": [str(tmp_path / "books")], "weight": 0.5},
+    ]
+    return [
+        f"data.sources={json.dumps(sources)}",
+        "data.context_length=16",
+        "data.val_fraction=0",
+        "data.txt_document=paragraph",
+        "data.dedup.exact=true",
+        "data.dedup.near=true",
+        f"data.decontaminate.against=[{tmp_path / 'eval.jsonl'}]",
+    ]
+
+
+def train_text(config) -> str:
+    store = SequenceStore(load_manifest(RunLayout.of(config).data), "train")
+    return get_tokenizer().decode(store.read(0, len(store)).reshape(-1).tolist())
+
+
+def test_duplicates_and_contamination_are_counted_and_dropped(tmp_path: Path, ray_session: None) -> None:
+    settings = planted(tmp_path)
+    one = load_config(None, [*settings, f"run.dir={tmp_path / 'one'}", "data.num_tokenizers=1"])
+    manifest = tokenize_corpus(one, log=lambda _: None).manifest
+    web, books = manifest["sources"]["web"], manifest["sources"]["books"]
+    assert (web["exact_duplicates"], web["near_duplicates"], web["contaminated"]) == (1, 1, 1)
+    assert (books["exact_duplicates"], books["near_duplicates"], books["contaminated"]) == (1, 0, 0)
+    assert web["documents"] == 12 - 3
+    totals = manifest["totals"]
+    assert (totals["exact_duplicates"], totals["near_duplicates"], totals["contaminated"]) == (2, 1, 1)
+    text = train_text(one)
+    assert "zebra" not in text and "markedcontaminated" not in text
+    assert " ".join(words(1)) in text and " ".join(words(1)).upper() not in text
+    assert " ".join(words(2)) in text  # the first of the near pair
+
+    # the same survivors with two actors (other blocks, other order of work)
+    two = load_config(None, [*settings, f"run.dir={tmp_path / 'two'}", "data.num_tokenizers=2"])
+    again = tokenize_corpus(two, log=lambda _: None).manifest
+    assert again["fingerprint"] == manifest["fingerprint"] and train_text(two) == text
+
+    flag = load_config(None, [*settings, f"run.dir={tmp_path / 'flag'}", "data.decontaminate.action=flag"])
+    flagged = tokenize_corpus(flag, log=lambda _: None).manifest
+    assert flagged["sources"]["web"]["contaminated_kept"] == 1 and "contaminated" not in flagged["sources"]["web"]
+    assert "markedcontaminated" in train_text(flag)
+
+
+def test_without_curation_nothing_is_dropped_or_counted(tmp_path: Path, ray_session: None) -> None:
+    settings = [s for s in planted(tmp_path) if not s.startswith(("data.dedup", "data.decontaminate"))]
+    config = load_config(None, [*settings, f"run.dir={tmp_path / 'plain'}", "data.num_tokenizers=1"])
+    manifest = tokenize_corpus(config, log=lambda _: None).manifest
+    assert "curation" not in manifest and "exact_duplicates" not in manifest["sources"]["web"]
+    assert manifest["sources"]["web"]["documents"] == 12
+    assert "zebra" in train_text(config)
