@@ -55,7 +55,7 @@ def test_two_sources_train_by_weight_and_resume_exactly(tmp_path: Path, ray_sess
     resumed = load_config(None, _settings(tmp_path, "resumed", "train.stop_after_steps=2"))
     tokenize_corpus(resumed, log=lambda _: None)
     assert pretrain(resumed)["status"] == "paused"
-    again = pretrain(resumed)
+    again = pretrain(load_config(None, _settings(tmp_path, "resumed")))  # resumes from step 2 to the end
     assert again["tokens_by_source"] == tokens
     straight_rows, resumed_rows = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert [r[:2] for r in resumed_rows] == [r[:2] for r in straight_rows]
