@@ -41,6 +41,11 @@ os.environ.update(
     RAYGPT_CACHE_DIR=tempfile.mkdtemp(prefix="raygpt-test-cache-"),
 )
 atexit.register(shutil.rmtree, os.environ["RAYGPT_CACHE_DIR"], True)
+# Hugging Face's caches (datasets built from the eval tasks' files, hub lookups) and matplotlib's font cache live
+# in the session's temp dir too: a test never depends on, locks or fills the machine's home directory.
+for variable, prefix in (("HF_HOME", "raygpt-test-hf-"), ("MPLCONFIGDIR", "raygpt-test-mpl-")):
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], True)
 
 
 def pytest_report_header() -> str:
