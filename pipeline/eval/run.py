@@ -160,8 +160,12 @@ def headline(per_shot: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {"metric": metric.split(",")[0], "by_shots": {k: v.get(metric) for k, v in per_shot.items()}}
 
 
+SCORES_IN_UNIT = ("acc", "acc_norm", "exact_match", "f1", "mcc")  # plotted on their own 0-1 axis
+
+
 def plot_shots(headlines: dict[str, dict[str, Any]], title: str) -> bytes:
-    """A PNG of each task's headline score against the number of in-context examples."""
+    """A PNG of each task's headline score against the number of in-context examples: scores between 0 and 1
+    (accuracy, exact match) on the left, the rest (perplexity, bits per byte) on the right."""
     import io
 
     import matplotlib
@@ -169,15 +173,25 @@ def plot_shots(headlines: dict[str, dict[str, Any]], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for task, head in sorted(headlines.items()):
-        shots = sorted(head["by_shots"], key=int)
-        ax.plot([int(k) for k in shots], [head["by_shots"][k] for k in shots], "o-", label=f"{task} ({head['metric']})")
-    ax.set_xlabel("examples in context (shots)")
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    unit = {t: h for t, h in headlines.items() if h["metric"] in SCORES_IN_UNIT}
+    other = {t: h for t, h in headlines.items() if h["metric"] not in SCORES_IN_UNIT}
+    panels = [(group, label) for group, label in ((unit, "score"), (other, "value")) if group]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), dpi=110, squeeze=False)
+    for ax, (group, label) in zip(axes[0], panels, strict=True):
+        shots: set[int] = set()
+        for task, head in sorted(group.items()):
+            keys = sorted(head["by_shots"], key=int)
+            shots.update(int(k) for k in keys)
+            values = [head["by_shots"][k] for k in keys]
+            ax.plot([int(k) for k in keys], values, "o-", label=f"{task} ({head['metric']})")
+        if group is unit:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(sorted(shots))
+        ax.set_xlabel("examples in context (shots)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
