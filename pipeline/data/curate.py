@@ -56,6 +56,7 @@ def ngram_hashes(text: str, n: int) -> set[int]:
 
 def evaluation_ngrams(paths: list[str], n: int) -> np.ndarray:
     """Sorted hashes of every word n-gram of every string field of every JSONL record in ``paths``."""
+    from pipeline.data.clean import jsonl_line_records
     from pipeline.data.errors import DataError
 
     found: set[int] = set()
@@ -64,13 +65,7 @@ def evaluation_ngrams(paths: list[str], n: int) -> np.ndarray:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise DataError(f"data.decontaminate.against: cannot read {path} ({exc.strerror or exc})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"data.decontaminate.against: {path} line {number}: not JSON ({exc.msg})") from None
+        for _, record in jsonl_line_records(lines, f"data.decontaminate.against: {path}"):
             found |= ngram_hashes(" ".join(_strings(record)), n)
     return np.array(sorted(found), dtype=np.int64)
 
