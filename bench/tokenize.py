@@ -1,14 +1,19 @@
-"""Benchmark of ``raygpt tokenize`` (not a test): end-to-end MB/s against single-thread tiktoken, and peak memory.
+"""Benchmark of ``raygpt tokenize`` (not a test): throughput against tiktoken on one and on every core, start-up,
+steady state, dedup's cost, and peak memory.
 
-    .venv/bin/python -m bench.tokenize [--copies 5 11] [--cpus 2] [--no-write]
+    .venv/bin/python -m bench.tokenize [--copies 11 60] [--cpus 2] [--dedup-copies 11] [--no-write]
 
-For each size the sample corpus is replicated ``copies`` times into a temporary directory (11 copies = 55.6 MB)
-and tokenized end to end (read -> clean -> tokenize -> pack -> write parquet + manifest) in a fresh process with
-its own local Ray of ``--cpus`` CPUs and a pool of that many tokenizer actors. Ray's start-up is not timed (a tiny
-warm-up dataset first starts Ray Data's per-cluster system actors); the tokenizer actors' start-up is. The
-baseline is tiktoken's ``encode_ordinary_batch(texts, num_threads=1)`` on the same texts, already in memory
-(encoding only), in the same run. Peak memory is sampled every 50 ms: the driver's RSS, and the sum and the largest
-RSS of its Ray worker processes. The figures go into bench/results/tokenize.json and bench/RESULTS.md.
+For each size the sample corpus is replicated ``copies`` times into a temporary directory (11 copies = 55.6 MB,
+60 = 303 MB) and tokenized end to end (read -> clean -> tokenize -> pack -> write parquet + manifest) in a fresh
+process with its own local Ray of ``--cpus`` CPUs and a pool of that many tokenizer actors. Ray's start-up is not
+timed (a tiny warm-up dataset first starts Ray Data's per-cluster system actors); the tokenizer actors' start-up
+is, and is reported on its own: "first rows" is when the driver receives the first block's counts, and the steady
+state is the token rate from then to the last block. The baselines are tiktoken's
+``encode_ordinary_batch(texts, num_threads=N)`` on the same texts, already in memory (encoding only), in the same
+run: N=1, and N=--cpus (the machine's limit for a pipeline whose work is BPE encoding). Dedup's cost is one more
+run of the ``--dedup-copies`` corpus with ``data.dedup`` exact and near on. Peak memory is sampled every 50 ms: the
+driver's RSS, and the sum and the largest RSS of its Ray worker processes. The figures go into
+bench/results/tokenize.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -120,11 +125,13 @@ class MemorySampler:
         self.driver_cpu = self._cpu(self.me) - self._driver_cpu_start
 
 
-def run_pipeline(corpus: Path, run_dir: Path, cpus: int) -> dict[str, Any]:
+def run_pipeline(corpus: Path, run_dir: Path, cpus: int, dedup: bool) -> dict[str, Any]:
     """One end-to-end tokenize in this process (called in a fresh subprocess per size)."""
+    import numpy as np
     import ray
 
     from pipeline.config import load_config
+    from pipeline.data import build
     from pipeline.data.build import tokenize_corpus
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -133,34 +140,39 @@ def run_pipeline(corpus: Path, run_dir: Path, cpus: int) -> dict[str, Any]:
     warmup = load_config(None, [f"run.dir={run_dir}-warmup", f"data.inputs=[{SAMPLE / 'sonnets_gut.txt'}]"])
     tokenize_corpus(warmup, overwrite=True, log=lambda _: None)
     time.sleep(3)
-    config = load_config(
-        None, [f"run.dir={run_dir}", f"data.inputs=[{corpus}]", f"data.num_tokenizers={cpus}", "run.num_cpus=2"]
-    )
-    from pipeline.data import build
+    overrides = [f"run.dir={run_dir}", f"data.inputs=[{corpus}]", f"data.num_tokenizers={cpus}", "run.num_cpus=2"]
+    if dedup:
+        overrides += ["data.dedup.exact=true", "data.dedup.near=true"]
+    config = load_config(None, overrides)
 
-    first_output: list[float] = []
-    consume = build._consume
+    arrivals: list[tuple[float, int]] = []  # when each block's counts reached the driver, and its tokens
+    collect = build._collect
 
-    def timed_consume(*args: Any) -> None:  # when the first token rows reach the driver (actors are up)
-        if not first_output:
-            first_output.append(time.perf_counter())
-        consume(*args)
+    def timed_collect(batch: Any, *args: Any) -> None:
+        kind = batch.column("kind").to_numpy()
+        tokens = int(np.asarray(batch.column("tokens").to_numpy(zero_copy_only=False))[kind == 0].sum())
+        arrivals.append((time.perf_counter(), tokens))
+        collect(batch, *args)
 
-    build._consume = timed_consume
+    build._collect = timed_collect
     with MemorySampler() as memory:
         started = time.perf_counter()
         result = tokenize_corpus(config, overwrite=True, log=lambda _: None)
         seconds = time.perf_counter() - started
-    build._consume = consume
+    build._collect = collect
     ray.shutdown()
     totals = result.manifest["totals"]
+    first, last = arrivals[0][0], arrivals[-1][0]
+    steady_tokens = sum(tokens for _, tokens in arrivals[1:])
     return {
         "bytes": totals["bytes"],
         "tokens": totals["tokens"],
         "sequences": sum(s["sequences"] for s in result.manifest["splits"].values()),
         "seconds": seconds,
         "mb_per_s": totals["bytes"] / 1e6 / seconds,
-        "first_output_s": first_output[0] - started,
+        "first_output_s": first - started,
+        "steady_tokens_per_s": steady_tokens / (last - first) if last > first else float("nan"),
+        "after_last_block_s": seconds - (last - started),
         "cpu_seconds": memory.driver_cpu + memory.ray_cpu,
         "driver_peak_mb": memory.driver_peak / 1e6,
         "workers_peak_mb": memory.workers_peak / 1e6,
@@ -169,87 +181,126 @@ def run_pipeline(corpus: Path, run_dir: Path, cpus: int) -> dict[str, Any]:
     }
 
 
-def baseline(corpus: Path) -> dict[str, Any]:
+def baseline(corpus: Path, threads: int) -> dict[str, Any]:
     from pipeline.model.tokenizer import get_tokenizer
 
     encoding = get_tokenizer().encoding
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*.txt"))]
     size = sum(len(t.encode("utf-8")) for t in texts)
     started, cpu = time.perf_counter(), time.process_time()
-    tokens = sum(len(ids) for ids in encoding.encode_ordinary_batch(texts, num_threads=1))
+    tokens = sum(len(ids) for ids in encoding.encode_ordinary_batch(texts, num_threads=threads))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return {"bytes": size, "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "mb_per_s": size / 1e6 / seconds}
+    return {
+        "threads": threads,
+        "bytes": size,
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "mb_per_s": size / 1e6 / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def child_run(corpus: Path, run_dir: Path, cpus: int, dedup: bool) -> dict[str, Any]:
+    child = subprocess.run(
+        [sys.executable, __file__, "--child", str(corpus), str(run_dir), str(cpus), str(int(dedup))],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode or not lines:
+        sys.exit(f"pipeline run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="benchmark raygpt tokenize")
-    parser.add_argument("--copies", type=int, nargs="+", default=[5, 11, 22], help="sample-corpus copies per size")
+    parser.add_argument("--copies", type=int, nargs="+", default=[11, 60], help="sample-corpus copies per size")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = tokenizer actors")
+    parser.add_argument("--dedup-copies", type=int, default=11, help="the size (copies) dedup's cost is measured at")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
-    parser.add_argument("--child", nargs=3, metavar=("CORPUS", "RUN_DIR", "CPUS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("CORPUS", "RUN_DIR", "CPUS", "DEDUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        corpus, run_dir, cpus = args.child
-        print("RESULT " + json.dumps(run_pipeline(Path(corpus), Path(run_dir), int(cpus))))
+        corpus, run_dir, cpus, dedup = args.child
+        print("RESULT " + json.dumps(run_pipeline(Path(corpus), Path(run_dir), int(cpus), dedup == "1")))
         return
 
     rows = []
+    dedup_row: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="raygpt-bench-") as tmp:
         for copies in args.copies:
             corpus = Path(tmp) / f"corpus{copies}"
             replicate(corpus, copies)
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", str(corpus), str(Path(tmp) / f"run{copies}"), str(args.cpus)],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-            )
-            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode or not lines:
-                sys.exit(f"pipeline run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-            result = json.loads(lines[-1].removeprefix("RESULT "))
-            result["baseline"] = baseline(corpus)
+            result = child_run(corpus, Path(tmp) / f"run{copies}", args.cpus, dedup=False)
+            result["baseline"] = baseline(corpus, 1)
+            result["limit"] = baseline(corpus, args.cpus)
             result["ratio"] = result["mb_per_s"] / result["baseline"]["mb_per_s"]
+            result["limit_ratio"] = result["limit"]["mb_per_s"] / result["baseline"]["mb_per_s"]
+            result["steady_vs_limit"] = result["steady_tokens_per_s"] / result["limit"]["tokens_per_s"]
             result["copies"] = copies
             result["load"] = os.getloadavg()[0]
-            shutil.rmtree(Path(tmp) / f"run{copies}", ignore_errors=True)
             rows.append(result)
             print(
                 f"{result['bytes'] / 1e6:6.1f} MB: pipeline {result['mb_per_s']:.2f} MB/s ({result['seconds']:.1f} s), "
-                f"first rows at {result['first_output_s']:.1f} s, "
-                f"tiktoken 1 thread {result['baseline']['mb_per_s']:.2f} MB/s -> ratio {result['ratio']:.2f}; "
-                f"CPU {result['cpu_seconds']:.1f} s vs {result['baseline']['cpu_seconds']:.1f} s; "
-                f"peak RSS driver {result['driver_peak_mb']:.0f} MB, Ray workers {result['workers_peak_mb']:.0f} MB "
-                f"(largest {result['largest_worker_peak_mb']:.0f} MB); load average {os.getloadavg()[0]:.1f}",
+                f"first rows at {result['first_output_s']:.1f} s, steady {result['steady_tokens_per_s'] / 1e6:.2f}M "
+                f"tokens/s = {result['steady_vs_limit']:.2f} of tiktoken on {args.cpus} threads "
+                f"({result['limit']['tokens_per_s'] / 1e6:.2f}M/s); end to end {result['ratio']:.2f}x tiktoken "
+                f"1 thread ({result['baseline']['mb_per_s']:.2f} MB/s; {args.cpus} threads "
+                f"{result['limit_ratio']:.2f}x); peak RSS driver {result['driver_peak_mb']:.0f} MB, Ray workers "
+                f"{result['workers_peak_mb']:.0f} MB (largest {result['largest_worker_peak_mb']:.0f} MB); "
+                f"load average {result['load']:.1f}",
                 flush=True,
             )
+            if copies == args.dedup_copies:
+                dedup_row = child_run(corpus, Path(tmp) / f"dedup{copies}", args.cpus, dedup=True)
+                dedup_row["cost"] = dedup_row["seconds"] / result["seconds"]
+                dedup_row["load"] = os.getloadavg()[0]
+                print(
+                    f"{dedup_row['bytes'] / 1e6:6.1f} MB with exact + near dedup: {dedup_row['seconds']:.1f} s "
+                    f"= {dedup_row['cost']:.2f}x the run without ({dedup_row['summary']})",
+                    flush=True,
+                )
 
+    n = args.cpus
     lines = [
-        f"Local Ray with {args.cpus} CPUs and {args.cpus} tokenizer actors; corpus = the sample replicated; "
-        "end to end (read, clean, tokenize, pack, write parquet + manifest; Ray start-up excluded, tokenizer actor "
-        "start-up included) vs tiktoken `encode_ordinary_batch(num_threads=1)` on the same texts already in memory.",
+        f"Local Ray with {n} CPUs and {n} tokenizer actors; corpus = the sample replicated; end to end (read, clean, "
+        "tokenize, pack, write parquet + manifest; Ray start-up excluded, tokenizer actor start-up included) vs "
+        f"tiktoken `encode_ordinary_batch(num_threads=1)` and `(num_threads={n})` on the same texts already in "
+        "memory, in the same run.",
         "",
-        "| corpus | tokens | pipeline | first rows at | tiktoken 1 thread | ratio | CPU s pipeline / tiktoken "
-        "| peak RSS driver | peak RSS Ray workers (sum / max) | load avg |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| corpus | tokens | pipeline end to end | ratio to 1 thread | {n} threads (the limit) "
+        "| first rows at | steady state | steady / limit | peak RSS driver | peak RSS Ray workers (sum / max) "
+        "| load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['bytes'] / 1e6:.1f} MB | {r['tokens'] / 1e6:.1f}M | {r['mb_per_s']:.2f} MB/s ({r['seconds']:.1f} s) "
-            f"| {r['first_output_s']:.1f} s "
-            f"| {r['baseline']['mb_per_s']:.2f} MB/s | {r['ratio']:.2f} "
-            f"| {r['cpu_seconds']:.1f} / {r['baseline']['cpu_seconds']:.1f} | {r['driver_peak_mb']:.0f} MB "
+            f"| {r['ratio']:.2f} (1 thread {r['baseline']['mb_per_s']:.2f} MB/s) "
+            f"| {r['limit']['tokens_per_s'] / 1e6:.2f}M tokens/s = {r['limit_ratio']:.2f}x "
+            f"| {r['first_output_s']:.1f} s | {r['steady_tokens_per_s'] / 1e6:.2f}M tokens/s "
+            f"| {r['steady_vs_limit']:.2f} | {r['driver_peak_mb']:.0f} MB "
             f"| {r['workers_peak_mb']:.0f} / {r['largest_worker_peak_mb']:.0f} MB | {r['load']:.1f} |"
         )
+    if dedup_row is not None:
+        lines += [
+            "",
+            f"Dedup's cost: {dedup_row['bytes'] / 1e6:.1f} MB with `data.dedup` exact and near on took "
+            f"{dedup_row['seconds']:.1f} s, {dedup_row['cost']:.2f}x the same corpus without (it reads every file "
+            f"once more and MinHashes every document); load avg {dedup_row['load']:.1f}.",
+        ]
     lines += [
         "",
-        "First rows at: when the first token rows reached the driver, i.e. the tokenizer actors' start-up (new "
-        "worker processes importing Ray Data) plus one block. "
-        "CPU s: CPU time of the driver and its Ray processes (user + system) vs the single-thread encode. RSS counts "
-        "shared pages (the object store's mapped memory) in each worker. Load avg: the machine's 1-minute load "
-        "after the run; above the core count, other jobs competed for the CPUs and the wall-clock figures (MB/s, "
-        "ratio) understate the pipeline.",
+        "First rows at: when the first block's counts reached the driver, i.e. the tokenizer actors' start-up (new "
+        "worker processes importing Ray Data) plus one block. Steady state: tokens per second from then to the "
+        "last block. The driver receives counts and tails only (tokens are packed and written by the actors), "
+        "so its peak RSS does not grow with the corpus. RSS counts shared pages (the object store's mapped "
+        "memory) in each worker. Load avg: the machine's 1-minute load after the run; above the core count, other "
+        "jobs competed for the CPUs and the wall-clock figures understate the pipeline.",
     ]
     section = "\n".join(lines) + "\n"
     print(section)
@@ -260,11 +311,23 @@ def main() -> None:
                 f"{r['mb_per_s']:.2f} MB/s",
                 f"tiktoken 1 thread {r['baseline']['mb_per_s']:.2f} MB/s",
                 r["ratio"],
-                1.6,
+                1.5,
+            )
+            for r in rows
+        ] + [
+            Headline(
+                f"steady state, {r['bytes'] / 1e6:.0f} MB",
+                f"{r['steady_tokens_per_s'] / 1e6:.2f}M tokens/s",
+                f"tiktoken {n} threads {r['limit']['tokens_per_s'] / 1e6:.2f}M tokens/s",
+                r["steady_vs_limit"],
+                0.9,
             )
             for r in rows
         ]
-        command = f"python -m bench.tokenize --copies {' '.join(map(str, args.copies))} --cpus {args.cpus}"
+        command = (
+            f"python -m bench.tokenize --copies {' '.join(map(str, args.copies))} --cpus {n} "
+            f"--dedup-copies {args.dedup_copies}"
+        )
         print(f"wrote {save_fragment('tokenize', command, section, headlines)}")
 
 

@@ -274,18 +274,29 @@ class Staged:
     directory is removed and nothing at ``location`` changes.
 
     Local targets are staged beside the target (same filesystem) and moved into place with one rename. Object
-    stores have no atomic directory rename, so the file named ``last`` (the one readers look for first) is uploaded
-    after everything else.
+    stores have no atomic directory rename: the new version's prefix is chosen on entry, and the file named
+    ``last`` (the one readers look for first) is uploaded after everything else.
+
+    ``shared`` is where tasks may write files of the directory themselves, so that its content never passes
+    through this process: the staging directory for a local target (the same machine, or a disk every node
+    mounts), the new version's prefix for a remote one. Files there are published with those in ``staging``.
     """
 
     def __init__(self, location: str | Path, last: str | None = None) -> None:
         self.location = location
         self.last = last
         self.published = ""
+        self.shared = ""
         self._dir: Path | None = None
+        self._version = ""
 
     def __enter__(self) -> Path:
         self._dir = staging_dir_for(self.location)
+        if is_remote(self.location):
+            self._version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+            self.shared = join(self.location, VERSIONS, self._version)
+        else:
+            self.shared = str(self._dir)
         return self._dir
 
     def __exit__(
@@ -294,17 +305,20 @@ class Staged:
         assert self._dir is not None
         if kind is None:
             try:
-                self.published = _publish_dir(self._dir, self.location, self.last)
+                self.published = _publish_dir(self._dir, self.location, self.last, self._version)
                 return
             except BaseException:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 raise
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self._version:  # what tasks wrote; a version no pointer names is swept by the next publish anyway
+            with contextlib.suppress(Exception):
+                remove_tree(self.shared)
 
 
-def _publish_dir(local_dir: Path, location: str | Path, last: str | None) -> str:
+def _publish_dir(local_dir: Path, location: str | Path, last: str | None, version: str = "") -> str:
     if is_remote(location):
-        _publish_remote(local_dir, str(location), last)
+        _publish_remote(local_dir, str(location), last, version)
         shutil.rmtree(local_dir, ignore_errors=True)
         return str(location)
     target = local_path(location)
@@ -317,12 +331,13 @@ def _publish_dir(local_dir: Path, location: str | Path, last: str | None) -> str
     return str(target)
 
 
-def _publish_remote(local_dir: Path, location: str, last: str | None) -> None:
-    """Upload as a new version, point readers at it, then delete every version but it and the previous one."""
+def _publish_remote(local_dir: Path, location: str, last: str | None, version: str = "") -> None:
+    """Upload as a new version (``version``: a prefix tasks may already hold files in), point readers at it, then
+    delete every version but it and the previous one."""
     fs, root = filesystem(location)
     root = root.rstrip("/")
     previous = resolve(location)
-    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    version = version or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     prefix = f"{root}/{VERSIONS}/{version}"
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == last)
@@ -335,7 +350,9 @@ def _publish_remote(local_dir: Path, location: str, last: str | None) -> None:
                 source_filesystem=local_fs,
                 destination_filesystem=fs,
             )
-        pointer = json.dumps({"version": version, "files": len(files)}).encode()
+        listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        count = sum(1 for entry in listing if entry.type == pafs.FileType.File)
+        pointer = json.dumps({"version": version, "files": count}).encode()
         with fs.open_output_stream(f"{root}/{POINTER}") as stream:
             stream.write(pointer)
     except BaseException:

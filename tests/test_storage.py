@@ -56,6 +56,29 @@ def test_publishing_on_s3_switches_versions_through_the_pointer(s3: str) -> None
     assert _config(location) == {"content": "three"}
 
 
+def test_files_tasks_write_into_the_shared_location_are_published_with_the_staged_ones(s3: str, tmp_path: Path) -> None:
+    for location in (f"{s3}/shared/data", str(tmp_path / "data")):
+        staged = storage.Staged(location, last="manifest.json")
+        with staged as staging:
+            if storage.is_remote(location):  # the new version's prefix: no local copy, no second upload
+                assert staged.shared.startswith(f"{location}/{storage.VERSIONS}/")
+            else:
+                assert staged.shared == str(staging)
+            storage.write_bytes(storage.join(staged.shared, "train", "shard.parquet"), b"rows")
+            (staging / "manifest.json").write_text("{}")
+            assert not storage.exists(storage.join(storage.resolve(location), "manifest.json"))  # not visible yet
+        visible = storage.resolve(location)
+        assert storage.read_bytes(storage.join(visible, "train", "shard.parquet")) == b"rows"
+        assert storage.read_bytes(storage.join(visible, "manifest.json")) == b"{}"
+
+        failed = storage.Staged(location, last="manifest.json")
+        with pytest.raises(RuntimeError), failed:  # a failed build publishes nothing and leaves nothing
+            storage.write_bytes(storage.join(failed.shared, "train", "shard.parquet"), b"other rows")
+            raise RuntimeError("interrupted")
+        assert storage.resolve(location) == visible and not storage.exists(failed.shared)
+        assert storage.read_bytes(storage.join(visible, "train", "shard.parquet")) == b"rows"
+
+
 def test_unpublished_remote_directories_resolve_to_themselves(s3: str) -> None:
     storage.write_bytes(f"{s3}/plain/dir/config.json", b"{}")
     assert storage.resolve(f"{s3}/plain/dir") == f"{s3}/plain/dir"

@@ -1,12 +1,16 @@
 """``raygpt tokenize``: the pretraining corpus as packed, sharded sequences plus a manifest.
 
-Ray Data pipeline: input files (one row each) -> read + clean (tasks, :mod:`documents`) -> tokenize (an actor pool,
-:mod:`tokenize`) -> the driver streams the token rows *in input order* (``preserve_order``), packs each split's
-stream into ``context_length + 1``-id rows and writes parquet shards into a staging directory. The manifest is
-written last and the directory is moved into place (``<run.dir>/data``) only when complete.
+Ray Data pipeline: input files (grouped into tasks of a few MB) -> read + clean (tasks, :mod:`documents`) ->
+tokenize, pack and write shards (an actor pool, :class:`pipeline.data.pack.TokenizeAndPack`) -> the driver
+receives one small row per block and stream (counts, shard list, and the block's tail of fewer than one row of
+ids), in input order (``preserve_order``), packs the tails into the last rows of each split and writes the
+manifest. Token rows never reach the driver, so its memory does not grow with the corpus. Everything is written
+into a staging directory (an object store: the new version's prefix) and published only when complete, manifest
+last.
 
-Packing runs on the driver because it is inherently sequential (each row continues the previous document); it is a
-memory copy, far cheaper than BPE encoding, which is what the actors parallelize.
+A split's rows are each block's full rows, block after block, then the rows of the tails; blocks are the task
+groups of :func:`_file_groups`, which depend on the inputs alone, so the dataset does not depend on the number of
+actors or nodes.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from pipeline.config import PipelineConfig
 from pipeline.data.documents import KIND_DOCUMENT, KIND_FILE_SUMMARY, SPLITS, read_stage
 from pipeline.data.errors import DataError, find_data_error
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_target, fingerprint
-from pipeline.data.pack import Packer, ShardWriter
+from pipeline.data.pack import ShardWriter, TailPacker, TokenizeAndPack
 from pipeline.data.sources import discover
-from pipeline.data.tokenize import TokenizeDocuments, token_dtype
+from pipeline.data.tokenize import token_dtype
 from pipeline.layout import RunLayout
 from pipeline.model.tokenizer import get_tokenizer
 from pipeline.raycluster import connect
@@ -43,6 +47,7 @@ REASONS = {
 }
 MIN_GROUP_BYTES = 1 << 20  # input bytes per read/tokenize task: at least (unless the corpus is smaller) ...
 MAX_GROUP_BYTES = 8 << 20  # ... and at most (bounds the memory of a task and the wait for the first rows)
+GROUPS = 64  # ... and otherwise the corpus in this many tasks, so that a pool of a few actors stays busy
 
 
 @dataclass
@@ -137,8 +142,9 @@ def tokenize_corpus(
 
     connect(config.run)
     started = time.perf_counter()  # throughput counts the pipeline, not the start of a local Ray
-    with storage.Staged(location, last=MANIFEST) as staging:
-        manifest = _build(config, tokenizer, inputs, identity, key, staging)
+    publish = storage.Staged(location, last=MANIFEST)
+    with publish as staging:
+        manifest = _build(config, tokenizer, inputs, identity, key, staging, publish.shared)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     val = manifest["splits"]["val"]
     if data.val_fraction > 0 and val["sequences"] == 0:
@@ -167,10 +173,11 @@ def _inputs(config: PipelineConfig) -> tuple[list[dict[str, Any]], list[str]]:
     return inputs, ignored
 
 
-def _file_groups(inputs: list[dict[str, Any]], workers: int) -> list[pa.Table]:
-    """Consecutive input files grouped into blocks of about total / (4 * workers) bytes (1 MB to 8 MB): one task
-    each, few enough that per-task overhead stays small, enough that every actor has work until the end."""
-    target = min(max(sum(i["size"] for i in inputs) / (4 * workers), MIN_GROUP_BYTES), MAX_GROUP_BYTES)
+def _file_groups(inputs: list[dict[str, Any]]) -> list[pa.Table]:
+    """Consecutive input files grouped into blocks of about 1/GROUPS of the corpus (1 MB to 8 MB): one task each,
+    few enough that per-task overhead stays small, enough that every actor has work until the end. The grouping
+    depends on the inputs alone: a block is packed on its own, so it decides which ids share a row."""
+    target = min(max(sum(i["size"] for i in inputs) / GROUPS, MIN_GROUP_BYTES), MAX_GROUP_BYTES)
     groups: list[list[dict[str, Any]]] = [[]]
     size = 0
     for item in inputs:
@@ -202,7 +209,7 @@ def _documents(config: PipelineConfig, inputs: list[dict[str, Any]]) -> Any:
     saved = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # the dataset copies the context at creation
     try:
-        files = ray.data.from_arrow(_file_groups(inputs, _num_tokenizers(config)))
+        files = ray.data.from_arrow(_file_groups(inputs))
     finally:
         context.execution_options.preserve_order = saved
     return files.map_batches(
@@ -219,8 +226,9 @@ def _documents(config: PipelineConfig, inputs: list[dict[str, Any]]) -> Any:
     )
 
 
-def _dataset(config: PipelineConfig, inputs: list[dict[str, Any]], dropped: Any = None) -> Any:
-    """Read, drop the curated-out documents (``dropped``: an object ref of their sorted keys), tokenize."""
+def _dataset(config: PipelineConfig, inputs: list[dict[str, Any]], pack: dict[str, Any], dropped: Any = None) -> Any:
+    """Read, drop the curated-out documents (``dropped``: an object ref of their sorted keys), tokenize and pack
+    (``pack``: :class:`TokenizeAndPack`'s settings)."""
     from ray.data import ActorPoolStrategy
 
     from pipeline.data.curate import drop_documents
@@ -236,8 +244,8 @@ def _dataset(config: PipelineConfig, inputs: list[dict[str, Any]], dropped: Any 
     # actor per CPU of the cluster
     pool = ActorPoolStrategy(size=workers) if data.num_tokenizers else ActorPoolStrategy(min_size=1, max_size=workers)
     return documents.map_batches(
-        TokenizeDocuments,
-        fn_constructor_kwargs={"tokenizer_name": data.tokenizer, "tokenizer_file": data.tokenizer_file},
+        TokenizeAndPack,
+        fn_constructor_kwargs={"tokenizer_name": data.tokenizer, "tokenizer_file": data.tokenizer_file, **pack},
         compute=pool,
         batch_size=None,
         batch_format="pyarrow",
@@ -296,6 +304,7 @@ def _build(
     identity: dict[str, Any],
     key: str,
     staging: Path,
+    shared: str,
 ) -> dict[str, Any]:
     data = config.data
     row_length = data.context_length + 1
@@ -304,13 +313,10 @@ def _build(
     source_of = np.array([names.index(item.get("source", names[0])) for item in inputs], dtype=np.int64)
     # each source is packed on its own (a sequence never mixes sources) into <split>/ (one source) or
     # <split>/<source>/ shards
-    packers = [[Packer(row_length, dtype) for _ in SPLITS] for _ in names]
-    writers = [
-        [ShardWriter(staging, split if len(names) == 1 else f"{split}/{name}", row_length, dtype, data.shard_sequences)
-         for split in SPLITS]
-        for name in names
+    dirs = [[split if len(names) == 1 else f"{split}/{name}" for split in SPLITS] for name in names]
+    streams = [
+        [_Stream(row_length, dtype, str(staging), directory, data.shard_sequences) for directory in d] for d in dirs
     ]
-    documents = [[0, 0] for _ in names]
     summaries: dict[int, dict[str, Any]] = {}
     drops: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
@@ -325,26 +331,33 @@ def _build(
         dropped = ray.put(np.unique(np.concatenate(removed)) if removed else np.empty(0, np.int64))
         counts = {reason: np.bincount(source_of[file_of(keys)], minlength=len(names)) for reason, keys in drops.items()}
 
+    pack = {
+        "root": shared,
+        "row_length": row_length,
+        "shard_rows": data.shard_sequences,
+        "source_of": source_of.tolist(),
+        "stream_dirs": dirs,
+    }
     try:
-        for batch in _dataset(config, inputs, dropped).iter_batches(batch_size=None, batch_format="pyarrow"):
-            _consume(batch, source_of, packers, writers, documents, summaries)
+        for batch in _dataset(config, inputs, pack, dropped).iter_batches(batch_size=None, batch_format="pyarrow"):
+            _collect(batch, streams, summaries)
     except Exception as exc:
         error = find_data_error(exc)
         if error is not None:
             raise error from None
         raise
-    for source_packers, source_writers in zip(packers, writers, strict=True):
-        for packer, writer in zip(source_packers, source_writers, strict=True):
-            writer.write(packer.finish(data.pack_tail))
-            writer.close()
+    for source_streams in streams:
+        for stream in source_streams:
+            stream.finish(data.pack_tail)
     if len(summaries) != len(inputs):
         raise RuntimeError(f"internal error: read {len(summaries)} of {len(inputs)} input files")
 
-    for name, source_packers in zip(names, packers, strict=True):
-        if source_packers[0].sequences == 0:
+    for name, source_streams in zip(names, streams, strict=True):
+        train = source_streams[0].stats()
+        if train["sequences"] == 0:
             where = f"source {name!r}" if len(names) > 1 else "the corpus"
             raise DataError(
-                f"{where} is too short: its train split has {source_packers[0].tokens:,} tokens, fewer than one "
+                f"{where} is too short: its train split has {train['tokens']:,} tokens, fewer than one "
                 f"sequence of context_length + 1 = {row_length} tokens (add text, lower data.context_length or "
                 "data.val_fraction)"
             )
@@ -356,15 +369,11 @@ def _build(
     def split_stats(which: list[int]) -> dict[str, Any]:
         out = {}
         for index, split in enumerate(SPLITS):
-            chosen = [packers[s][index] for s in which]
+            chosen = [streams[s][index].stats() for s in which]
             out[split] = {
-                "documents": sum(documents[s][index] for s in which),
-                "tokens": sum(p.tokens for p in chosen),
-                "sequences": sum(p.sequences for p in chosen),
-                "dropped_tokens": sum(p.dropped_tokens for p in chosen),
-                "wrapped_tokens": sum(p.wrapped_tokens for p in chosen),
-                "shards": [shard for s in which for shard in writers[s][index].shards],
-            }
+                field: sum(stats[field] for stats in chosen)
+                for field in ("documents", "tokens", "sequences", "dropped_tokens", "wrapped_tokens")
+            } | {"shards": [shard for stats in chosen for shard in stats["shards"]]}
         return out
 
     weights = {b["name"]: b["weight"] for b in identity.get("blend", [{"name": names[0], "weight": 1.0}])}
@@ -381,11 +390,12 @@ def _build(
         for reason, field in REASONS.items():
             if reason in drops:
                 sources[name][field] = int(counts[reason][s])
+    splits = split_stats(list(range(len(names))))
     totals = {
         "files": len(inputs),
         "bytes": sum(int(r.get("bytes", 0)) for r in records),
-        "documents": sum(map(sum, documents)),
-        "tokens": sum(p.tokens for source_packers in packers for p in source_packers),
+        "documents": sum(split["documents"] for split in splits.values()),
+        "tokens": sum(split["tokens"] for split in splits.values()),
         "skipped_documents": sum(int(r["skipped_documents"]) for r in records),
         "skipped_files": sum(1 for r in records if r["skipped_binary"]),
         "replaced_chars": sum(int(r["replaced_chars"]) for r in records),
@@ -401,41 +411,51 @@ def _build(
         "inputs": records,
         "totals": totals,
         # a split's shards: every source's, source after source (a blended order addresses them by offset)
-        "splits": split_stats(list(range(len(names)))),
+        "splits": splits,
         "sources": sources,
     }
 
 
-def _consume(
-    batch: pa.Table,
-    source_of: np.ndarray,
-    packers: list[list[Packer]],
-    writers: list[list[ShardWriter]],
-    documents: list[list[int]],
-    summaries: dict[int, dict[str, Any]],
-) -> None:
+class _Stream:
+    """The driver's view of one (source, split) stream: the blocks' counts and shards in input order, and the
+    rows of their tails (written by this process into ``staging``)."""
+
+    def __init__(self, row_length: int, dtype: np.dtype, staging: str, directory: str, shard_rows: int) -> None:
+        self.tails = TailPacker(row_length, dtype)
+        self.writer = ShardWriter(staging, directory, row_length, dtype, shard_rows, prefix="shard-tails")
+        self.documents = 0
+        self.block_shards: list[dict[str, Any]] = []
+
+    def add(self, documents: int, tokens: int, rows: int, shards: list[dict[str, Any]], head: Any, tail: Any) -> None:
+        self.documents += documents
+        self.block_shards += shards
+        self.writer.write(self.tails.add(tokens, rows, head, tail))
+
+    def finish(self, pack_tail: str) -> None:
+        self.writer.write(self.tails.finish(pack_tail))
+        self.writer.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"documents": self.documents, **self.tails.stats, "shards": self.block_shards + self.writer.shards}
+
+
+def _collect(batch: pa.Table, streams: list[list[_Stream]], summaries: dict[int, dict[str, Any]]) -> None:
+    """One batch of :class:`TokenizeAndPack` rows into the streams and the file summaries."""
     kind = batch.column("kind").to_numpy()
-    split = batch.column("split").to_numpy()
-    source = source_of[batch.column("file_index").to_numpy()]
-    tokens = batch.column("tokens")
-    if isinstance(tokens, pa.ChunkedArray):
-        tokens = tokens.combine_chunks()
-    offsets = tokens.offsets.to_numpy()
-    values = tokens.values.to_numpy(zero_copy_only=False)
+    file_index = batch.column("file_index").to_numpy()
+    info = batch.column("info")
     for row in np.flatnonzero(kind == KIND_FILE_SUMMARY):
-        info = json.loads(batch.column("info")[int(row)].as_py())
-        summaries[int(batch.column("file_index")[int(row)].as_py())] = info
-    is_doc = kind == KIND_DOCUMENT
-    for s, (source_packers, source_writers) in enumerate(zip(packers, writers, strict=True)):
-        for index, packer in enumerate(source_packers):
-            rows = np.flatnonzero(is_doc & (split == index) & (source == s))
-            if len(rows) == 0:
-                continue
-            documents[s][index] += len(rows)
-            # rows of one split are mostly contiguous runs; gather their ids in order
-            starts, stops = offsets[rows], offsets[rows + 1]
-            if len(rows) == rows[-1] - rows[0] + 1:
-                ids = values[starts[0] : stops[-1]]
-            else:
-                ids = np.concatenate([values[a:b] for a, b in zip(starts, stops, strict=True)])
-            source_writers[index].write(packer.feed(ids))
+        summaries[int(file_index[row])] = json.loads(info[int(row)].as_py())
+    columns = {name: batch.column(name) for name in ("source", "split", "documents", "tokens", "rows", "shards")}
+    head, tail = batch.column("head"), batch.column("tail")
+    for row in np.flatnonzero(kind == KIND_DOCUMENT):
+        r = int(row)
+        values = {name: column[r].as_py() for name, column in columns.items()}
+        streams[values["source"]][values["split"]].add(
+            values["documents"],
+            values["tokens"],
+            values["rows"],
+            json.loads(values["shards"]),
+            head[r].values.to_numpy(zero_copy_only=False),
+            tail[r].values.to_numpy(zero_copy_only=False),
+        )

@@ -16,7 +16,6 @@ The documents dropped are then filtered out of the tokenize pass (:func:`drop_do
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path

@@ -195,6 +195,52 @@ def test_no_token_lost_or_duplicated(ray_session: None, tmp_path: Path, tail: st
         assert np.array_equal(packed, np.concatenate([expected, expected[: train["wrapped_tokens"]]]))
 
 
+@pytest.mark.parametrize("tail", ["drop", "wrap"])
+def test_blocks_are_packed_where_tokenized_and_their_tails_last(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: str
+) -> None:
+    """Each block's full rows, block after block, then the rows of the blocks' tails; the wrap takes the split's
+    first ids. As many rows as packing the whole stream at once."""
+    monkeypatch.setattr("pipeline.data.build.MIN_GROUP_BYTES", 1)  # a block per file
+    texts = [text_of(i, 15 + 11 * i) for i in range(6)]
+    folder = corpus(tmp_path / "c", {f"{i}.txt": t for i, t in enumerate(texts)})
+    manifest = build(tmp_path / "run", [str(folder)], pack_tail=tail, shard_sequences=3, num_tokenizers=2)
+    tokenizer = get_tokenizer()
+    blocks = [np.array(tokenizer.encode(normalize(t)) + [tokenizer.eot_id]) for t in texts]
+    rows = [block[: len(block) // 9 * 9] for block in blocks]
+    tails = np.concatenate([block[len(block) // 9 * 9 :] for block in blocks])
+    rest = tails[len(tails) // 9 * 9 :]
+    expected = [*rows, tails[: len(tails) // 9 * 9]]
+    if tail == "wrap" and len(rest):
+        expected.append(np.concatenate([rest, np.concatenate(blocks)[: 9 - len(rest)]]))
+    assert np.array_equal(flat(tmp_path / "run"), np.concatenate(expected))
+    total = sum(map(len, blocks))
+    train = manifest["splits"]["train"]
+    assert train["tokens"] == total and train["sequences"] == total // 9 + (tail == "wrap" and total % 9 > 0)
+    assert train["dropped_tokens"] == (total % 9 if tail == "drop" else 0)
+    assert len(train["shards"]) > len(blocks)  # several shards per block, as shard_sequences says
+
+
+def test_the_driver_receives_counts_and_tails_never_token_rows(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.data.build as build_module
+
+    received: list[int] = []
+    collect = build_module._collect
+
+    def counting(batch: pa.Table, *args: Any) -> None:
+        received.append(batch.nbytes)
+        collect(batch, *args)
+
+    monkeypatch.setattr(build_module, "_collect", counting)
+    monkeypatch.setattr(build_module, "MIN_GROUP_BYTES", 1)  # several blocks
+    folder = corpus(tmp_path / "c", {f"{i}.txt": text_of(i, 20_000) for i in range(4)})
+    manifest = build(tmp_path / "run", [str(folder)], val_fraction=0.1)
+    token_bytes = 2 * manifest["totals"]["tokens"]
+    assert len(received) >= 1 and sum(received) < token_bytes / 50, (sum(received), token_bytes)
+
+
 def test_documents_encoded_in_one_call_equal_each_encoded_alone() -> None:
     """encode_documents joins a batch's documents with <|endoftext|> into one encoder call; the ids must be those
     of each document encoded alone plus the id, also where a merge across the join could happen, and a document
@@ -336,7 +382,7 @@ def test_reader_apis(ray_session: None, tmp_path: Path) -> None:
     assert ordered_execution_options().preserve_order  # for Ray Train's DataConfig(execution_options=...)
     with pytest.raises(IndexError):
         store.read(0, len(store) + 1)
-    os.remove(run / "data" / "train" / "shard-00001.parquet")
+    os.remove(run / "data" / train.shards[1].path)
     with pytest.raises(DataError, match="incomplete: 1 shard file"):
         load_manifest(str(run))
     (run / "data" / "manifest.json").write_text("{truncated")
