@@ -152,42 +152,53 @@ def _explode_bands(batch: pa.Table) -> pa.Table:
     )
 
 
-def _similar_pairs(group: pa.Table, threshold: float) -> pa.Table:
-    """(first, other) pairs of a band's bucket whose signatures agree on at least ``threshold`` of the slots."""
-    order = np.argsort(group.column("key").to_numpy(), kind="stable")
-    keys = group.column("key").to_numpy()[order]
-    signatures = [group.column("signature")[int(i)].as_py() for i in order]
-    firsts, others = [], []
-    if len(keys) > 1:
-        matrix = np.stack([np.frombuffer(sig, dtype=np.uint32) for sig in signatures])
-        for i in range(len(keys)):
-            similar = (matrix[i + 1 :] == matrix[i]).mean(axis=1) >= threshold
-            for j in np.flatnonzero(similar) + i + 1:
-                firsts.append(keys[i])
-                others.append(keys[j])
-    return pa.table({"first": pa.array(firsts, pa.int64()), "other": pa.array(others, pa.int64())})
+def _bucket_links(group: pa.Table, threshold: float) -> pa.Table:
+    """One band's bucket as (first, other) links: each document of a connected group of similar ones (signatures
+    agreeing on at least ``threshold`` of the slots) linked to the group's smallest key.
+
+    At most one link per document, however many of them are alike (a bucket of n copies gives n - 1 links, not
+    n(n - 1)/2 pairs), and identical signatures are compared once: web text and replicated corpora put thousands
+    of copies of one document into a bucket.
+    """
+    keys = group.column("key").to_numpy()
+    if len(keys) < 2:
+        return pa.table({"first": pa.array([], pa.int64()), "other": pa.array([], pa.int64())})
+    matrix = np.stack([np.frombuffer(sig, dtype=np.uint32) for sig in group.column("signature").to_pylist()])
+    distinct, which = np.unique(matrix, axis=0, return_inverse=True)
+    which = which.reshape(-1)
+    links_i, links_j = [], []
+    for i in range(len(distinct) - 1):
+        similar = np.flatnonzero((distinct[i + 1 :] == distinct[i]).mean(axis=1) >= threshold) + i + 1
+        links_i += [i] * len(similar)
+        links_j += similar.tolist()
+    component = _components(len(distinct), np.asarray(links_i, np.int64), np.asarray(links_j, np.int64))[which]
+    first = np.full(int(component.max()) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first, component, keys)
+    firsts = first[component]
+    linked = keys != firsts
+    return pa.table({"first": pa.array(firsts[linked], pa.int64()), "other": pa.array(keys[linked], pa.int64())})
 
 
 def _contaminated_keys(batch: pa.Table) -> pa.Table:
     return pa.table({"key": batch.column("key").filter(batch.column("contaminated"))})
 
 
-def _components(pairs: list[tuple[int, int]]) -> dict[int, int]:
-    """Each key of ``pairs`` to the smallest key of its connected component (union-find)."""
-    parent: dict[int, int] = {}
+def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The connected component of each of ``count`` nodes, given the edges ``a[k] - b[k]`` (scipy's)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(key: int) -> int:
-        parent.setdefault(key, key)
-        while parent[key] != key:
-            parent[key] = parent[parent[key]]
-            key = parent[key]
-        return key
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(count, count))
+    return connected_components(graph, directed=False)[1]
 
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {key: root(key) for key in parent}
+
+def _later_in_components(first: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Every key of the components that the links ``first - other`` make, but each component's smallest."""
+    keys, index = np.unique(np.concatenate([first, other]), return_inverse=True)
+    component = _components(len(keys), index[: len(first)], index[len(first) :])
+    smallest = np.full(int(component.max()) + 1 if len(keys) else 0, np.iinfo(np.int64).max)
+    np.minimum.at(smallest, component, keys)
+    return keys[keys != smallest[component]]
 
 
 def find_drops(documents: Any, settings: dict[str, Any], evaluation: np.ndarray | None, workers: int) -> dict[str, Any]:
@@ -216,11 +227,13 @@ def find_drops(documents: Any, settings: dict[str, Any], evaluation: np.ndarray 
             records.select_columns(["key", "bands", "signature"])
             .map_batches(_explode_bands, batch_format="pyarrow", batch_size=None)
             .groupby("bucket")
-            .map_groups(_similar_pairs, batch_format="pyarrow", fn_kwargs={"threshold": settings["threshold"]})
+            .map_groups(_bucket_links, batch_format="pyarrow", fn_kwargs={"threshold": settings["threshold"]})
         )
-        roots = _components([(int(row["first"]), int(row["other"])) for row in pairs.iter_rows()])
-        later = np.asarray([key for key, first in roots.items() if key != first], dtype=np.int64)
-        near = np.setdiff1d(later, exact)
+        firsts, others = [empty], [empty]
+        for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
+            firsts.append(np.asarray(batch["first"], np.int64))
+            others.append(np.asarray(batch["other"], np.int64))
+        near = np.setdiff1d(_later_in_components(np.concatenate(firsts), np.concatenate(others)), exact)
     contaminated = empty
     if refs:
         flagged = records.map_batches(_contaminated_keys, batch_format="pyarrow", batch_size=None)

@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import load_config
 from pipeline.data.build import tokenize_corpus
+from pipeline.data.curate import _bucket_links, _later_in_components
 from pipeline.data.reader import SequenceStore, load_manifest
 from pipeline.layout import RunLayout
 from pipeline.model.tokenizer import get_tokenizer
@@ -97,3 +99,39 @@ def test_without_curation_nothing_is_dropped_or_counted(tmp_path: Path, ray_sess
     assert "curation" not in manifest and "exact_duplicates" not in manifest["sources"]["web"]
     assert manifest["sources"]["web"]["documents"] == 12
     assert "zebra" in train_text(config)
+
+
+def _bucket(keys: list[int], signatures: list[np.ndarray]) -> pa.Table:
+    return pa.table(
+        {"key": pa.array(keys, pa.int64()), "signature": pa.array([s.tobytes() for s in signatures], pa.binary())}
+    )
+
+
+def test_a_bucket_of_many_copies_gives_one_link_per_copy() -> None:
+    """Thousands of copies of one document share every bucket (boilerplate, a replicated corpus): linking all
+    pairs was n(n - 1)/2 rows per bucket and exhausted the driver's memory on a 56 MB corpus of 11 copies."""
+    copies = 3000
+    signature = np.arange(128, dtype=np.uint32)
+    links = _bucket_links(_bucket(list(range(copies, 0, -1)), [signature] * copies), 0.8)
+    assert links.num_rows == copies - 1
+    assert set(links.column("first").to_pylist()) == {1}
+    assert sorted(links.column("other").to_pylist()) == list(range(2, copies + 1))
+
+
+def test_links_join_what_a_chain_of_similar_documents_joins() -> None:
+    """a ~ b and b ~ c make one group even where a and c differ too much; an unrelated d stays apart."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2**32, 128, dtype=np.uint32)
+    b, c = a.copy(), a.copy()
+    b[:20] += 1  # b agrees with a on 108 of 128 slots (0.84)
+    c[:20] += 1
+    c[20:40] += 1  # c agrees with b on 0.84, with a on 0.69
+    d = rng.integers(0, 2**32, 128, dtype=np.uint32)
+    links = _bucket_links(_bucket([5, 9, 1, 7], [a, b, c, d]), 0.8)
+    assert sorted(zip(links.column("first").to_pylist(), links.column("other").to_pylist(), strict=True)) == [
+        (1, 5),
+        (1, 9),
+    ]
+    # across buckets: links 1-5 (one band) and 5-12 (another) make one group whose first is 1
+    assert _later_in_components(np.array([1, 5, 30]), np.array([5, 12, 31])).tolist() == [5, 12, 31]
+    assert _later_in_components(np.empty(0, np.int64), np.empty(0, np.int64)).tolist() == []
