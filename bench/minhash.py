@@ -4,7 +4,8 @@ documents, same shingles, same number of permutations, in one process, interleav
     .venv/bin/python -m bench.minhash [--documents 2000] [--words 300] [--rounds 5]
 
 Documents are windows of the sample corpus' words; shingles are word 5-grams (as the data stage makes them).
-Reports each library's best round in documents per second and the ratio; writes bench/results/minhash.json.
+Reports each library's best round in documents per second and the ratio; the figures go into
+bench/results/minhash.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from bench.report import Headline, save_fragment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +63,21 @@ def main() -> None:
         "docs_per_s": {name: round(len(shingles) / seconds, 1) for name, seconds in best.items()},
         "rensa_over_datasketch": round(best["datasketch"] / best["rensa"], 2),
     }
-    out = ROOT / "bench" / "results" / "minhash.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+    rate = result["docs_per_s"]
+    section = (
+        f"{result['documents']:,} documents of {args.words} words (windows of the sample corpus), word 5-gram "
+        f"shingles, 128 permutations, best of {args.rounds} interleaved rounds in one process: rensa "
+        f"{rate['rensa']:,.0f} documents/s, datasketch {rate['datasketch']:,.0f} documents/s."
+    )
+    headline = Headline(
+        "MinHash signatures (data.dedup.near)",
+        f"rensa {rate['rensa']:,.0f} docs/s",
+        f"datasketch {rate['datasketch']:,.0f} docs/s",
+        result["rensa_over_datasketch"],
+    )
+    command = f"python -m bench.minhash --documents {args.documents} --words {args.words} --rounds {args.rounds}"
+    print(f"wrote {save_fragment('minhash', command, section, [headline])}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ REASONS = {
 }
 MIN_GROUP_BYTES = 1 << 20  # input bytes per read/tokenize task: at least (unless the corpus is smaller) ...
 MAX_GROUP_BYTES = 8 << 20  # ... and at most (bounds the memory of a task and the wait for the first rows)
-GROUPS = 64  # ... and otherwise the corpus in this many tasks, so that a pool of a few actors stays busy
+GROUPS = 16  # ... and otherwise the corpus in this many tasks, so that a pool of a few actors stays busy
 
 
 @dataclass
