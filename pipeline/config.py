@@ -42,6 +42,9 @@ class RunSection(Section):
     )
     num_cpus: int | None = Field(2, ge=1, description="CPUs of the local Ray started when no cluster is given.")
     seed: int = Field(1337, description="Seed for data splits, initialization and sampling.")
+    progress_every_s: float = Field(
+        30.0, gt=0, description="Seconds between progress lines of a training stage when the console is no terminal."
+    )
 
 
 class SourceSection(Section):

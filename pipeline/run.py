@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
+from pipeline.console import log_dir
 from pipeline.layout import RunLayout
 
 SAMPLE_PROMPT_INDEX = 0
@@ -131,6 +132,7 @@ def _run_pipeline(config: PipelineConfig, serve: bool, exit_after_sample: bool, 
         }
     timings["total"] = round(time.perf_counter() - started_all, 1)
     summary["seconds"] = timings
+    summary["logs"] = log_dir()
     _write_summary(config, summary)
     print_summary(summary)
     if serve and not exit_after_sample:
@@ -191,6 +193,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines += [
         f"  time       {', '.join(f'{k} {v:.0f}s' for k, v in summary['seconds'].items())}",
         f"  summary    {summary['summary_file']}",
+        f"  logs       {summary['logs']} (Ray's: every worker's output, Ray Data's and Ray Train's logs)",
         "=" * 72,
     ]
     print("\n".join(lines))

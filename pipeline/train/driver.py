@@ -43,6 +43,7 @@ def run_trainer(config: PipelineConfig, plan: TrainPlan, stop_at: int | None = N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.console import ProgressDisplay
     from pipeline.raycluster import connect
     from pipeline.train.worker import train_loop_per_worker
 
@@ -51,9 +52,14 @@ def run_trainer(config: PipelineConfig, plan: TrainPlan, stop_at: int | None = N
     resources = {"CPU": config.train.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = 1
+    display = ProgressDisplay(plan.stage, plan.max_steps, config.run.progress_every_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan.to_json(), "stop_at": plan.max_steps if stop_at is None else stop_at},
+        train_loop_config={
+            "plan": plan.to_json(),
+            "stop_at": plan.max_steps if stop_at is None else stop_at,
+            "progress": display.board,
+        },
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
         ),
@@ -65,7 +71,8 @@ def run_trainer(config: PipelineConfig, plan: TrainPlan, stop_at: int | None = N
         ),
     )
     try:
-        result = trainer.fit()
+        with display:
+            result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the root cause without a wall of traceback
         raise TrainError(f"{plan.stage} failed: {_root_cause(exc)}") from exc
     if getattr(result, "error", None):

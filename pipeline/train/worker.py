@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     shard_sizes = all_reduce_sum(shard_sizes, device)
     peak_flops = (plan.peak_tflops * 1e12) if plan.peak_tflops else measure_peak_flops(device) if rank == 0 else 0.0
     token_flops = flops_per_token(model_config, plan.context_length)
-    progress = _progress_bar(plan, step) if rank == 0 else None
+    progress = loop_config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
     last_val: dict[str, float] = {}
     tasks = TaskEvaluator(plan, engine, rank, world, device) if plan.eval_tasks else None
 
@@ -113,8 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             row.update(last_val)
         log.append(row)
         if progress is not None:
-            progress.update(1)
-            progress.set_description(f"{plan.stage} loss {row['loss']:.3f}")
+            progress.update.remote({"step": step, "loss": row["loss"], "tokens_per_s": tokens_per_s})
         checkpoint_due = step % plan.checkpoint_every == 0 or step == stop_at
         diverged = divergence(row, next_loss(engine, batches, consumed, device) if checkpoint_due else None)
         if diverged is not None:
@@ -134,8 +133,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             }
             position = {"step": step, "consumed": consumed, "tokens_seen": tokens_seen}
             checkpoint.save(engine, plan, rank, position, log, report)
-    if progress is not None:
-        progress.close()
     dist.barrier()
     # Ray Train hands rank 0's return value to the driver, which fails the run with it (a deterministic divergence
     # is not raised here: Ray Train would retry a raised error up to train.max_failures times)
@@ -176,14 +173,3 @@ def _float(value: Any) -> float | None:
     if value is None:
         return None
     return float(value.item() if hasattr(value, "item") else value)
-
-
-def _progress_bar(plan: TrainPlan, start: int) -> Any:
-    try:
-        from ray.experimental.tqdm_ray import tqdm
-    except ImportError:  # pragma: no cover - older Ray
-        from tqdm import tqdm
-    bar = tqdm(total=plan.max_steps, desc=plan.stage)
-    if start:
-        bar.update(start)
-    return bar

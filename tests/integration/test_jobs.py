@@ -105,6 +105,14 @@ def test_job_submit_runs_the_pipeline_on_a_token_authenticated_head(tmp_path: Pa
         status, logs = wait_for_job(head, submission_id, JOB_TIMEOUT_S, poll_s=3)
         assert status == "SUCCEEDED", f"job {submission_id} ended {status}:\n{logs[-6000:]}\n{head.log()}"
         assert "raygpt run summary" in logs
+        # the console a person reads: stage lines, the driver's progress lines, the summary naming Ray's logs;
+        # no worker output (Ray Train's controller, DeepSpeed, tqdm from the ranks) and no Ray Data progress log
+        console = logs.splitlines()
+        assert len(console) < 80, "\n".join(console)
+        assert any(line.startswith("pretrain step 3/3 (100%)") for line in console), logs
+        assert any(line.startswith("finetune step 2/2 (100%)") for line in console), logs
+        assert not [line for line in console if line.startswith("(") or "logging_progress" in line], logs
+        assert any(line.strip().startswith("logs ") and "/logs" in line for line in console), logs
 
         run_dir = tmp_path / "run"
         manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
