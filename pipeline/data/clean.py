@@ -273,7 +273,7 @@ def txt_documents(pieces: Iterable[str], mode: str) -> Iterator[str]:
     if mode == "file":
         yield "".join(text)
     elif mode == "paragraph":
-        yield from _paragraphs(split_lines(text))
+        yield from _paragraphs(text)
     elif mode == "line":
         yield from _lines(split_lines(text))
     else:
@@ -297,25 +297,32 @@ def _lines(lines: Iterable[str]) -> Iterator[str]:
             yield line
 
 
-def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
-    # _PARAGRAPH_BREAK line by line: a break is a newline followed by one or more lines of spaces and tabs that each
-    # end in a newline, so such a line separates blocks unless it is the first line (no newline before it) or the
-    # last (no newline after it); consecutive ones make one break. Blank blocks are dropped and a text without any
-    # other block is one empty document, as in split_text.
-    block: list[str] = []  # the lines of the current block; empty only right after a break
+def _paragraphs(pieces: Iterable[str]) -> Iterator[str]:
+    """``split_text(text, "paragraph")`` of a normalized text given in pieces, a block at a time.
+
+    What is held is the current block and the whitespace after it. A break found before the held text's last
+    character that is not a space, tab or newline is final: a break is only made of those, so more text cannot
+    extend it, and the regular expression decides it without looking past that character. The text before such a
+    break is whole blocks, as the regular expression splits the whole text.
+    """
+    held = ""
     kept = False
-    for number, (line, last) in enumerate(_with_last(lines)):
-        if number > 0 and not last and not line.strip(" \t"):
-            if block:
-                text = "\n".join(block)
-                if text.strip():
-                    kept = True
-                    yield text
-                block = []
-            continue
-        block.append(line)
-    text = "\n".join(block)
-    if text.strip():
-        yield text
-    elif not kept:
+    for piece in pieces:
+        scan = max(0, len(held.rstrip(" \t\n")))  # where a break may start: the held block itself has none
+        held += piece
+        end = len(held.rstrip(" \t\n"))
+        start = 0
+        for match in _PARAGRAPH_BREAK.finditer(held, scan, end):
+            block = held[start : match.start()]
+            if block.strip():
+                kept = True
+                yield block
+            start = match.end()
+        if start:
+            held = held[start:]
+    for block in _PARAGRAPH_BREAK.split(held):
+        if block.strip():
+            kept = True
+            yield block
+    if not kept:
         yield ""

@@ -217,30 +217,55 @@ def find_drops(documents: Any, settings: dict[str, Any], evaluation: np.ndarray 
         num_cpus=1,
     ).materialize()
     empty = np.empty(0, np.int64)
+    documents_count = records.count()
     exact = empty
     if settings["exact"]:
-        dups = records.select_columns(["exact", "key"]).groupby("exact").map_groups(_later_keys, batch_format="pyarrow")
-        exact = np.sort(np.asarray([row["key"] for row in dups.iter_rows()], dtype=np.int64))
+        dups = (
+            records.select_columns(["exact", "key"])
+            .groupby("exact", num_partitions=_partitions(documents_count, workers))
+            .map_groups(_later_keys, batch_format="pyarrow")
+        )
+        exact = np.sort(_column(dups, "key"))
     near = empty
     if settings["near"]:
-        pairs = (
-            records.select_columns(["key", "bands", "signature"])
-            .map_batches(_explode_bands, batch_format="pyarrow", batch_size=None)
-            .groupby("bucket")
+        candidates = records.select_columns(["key", "bands", "signature"])
+        if len(exact):  # an exact duplicate's signature is its first's: the search needs the first only
+            candidates = candidates.map_batches(
+                _without_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"dropped": [ray.put(exact)]}
+            )
+        links = (
+            candidates.map_batches(_explode_bands, batch_format="pyarrow", batch_size=None)
+            .groupby("bucket", num_partitions=_partitions(documents_count * settings["bands"], workers))
             .map_groups(_bucket_links, batch_format="pyarrow", fn_kwargs={"threshold": settings["threshold"]})
         )
-        firsts, others = [empty], [empty]
-        for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
-            firsts.append(np.asarray(batch["first"], np.int64))
-            others.append(np.asarray(batch["other"], np.int64))
-        near = np.setdiff1d(_later_in_components(np.concatenate(firsts), np.concatenate(others)), exact)
+        near = np.setdiff1d(_later_in_components(_column(links, "first"), _column(links, "other")), exact)
     contaminated = empty
     if refs:
         flagged = records.map_batches(_contaminated_keys, batch_format="pyarrow", batch_size=None)
-        contaminated = np.setdiff1d(
-            np.asarray([row["key"] for row in flagged.iter_rows()], dtype=np.int64), np.union1d(exact, near)
-        )
+        contaminated = np.setdiff1d(_column(flagged, "key"), np.union1d(exact, near))
     return {"exact": exact, "near": near, "contaminated": contaminated}
+
+
+def _partitions(rows: int, workers: int) -> int:
+    """Hash partitions of a groupby over ``rows`` rows: a few per worker, one per 100,000 rows beyond that (Ray
+    Data's default of 200 costs more in tasks than small data needs)."""
+    return max(2 * workers, min(200, rows // 100_000 + 1))
+
+
+def _column(dataset: Any, name: str) -> np.ndarray:
+    """One int64 column of a dataset, gathered as arrays (not row by row)."""
+    parts = [np.asarray(batch[name], np.int64) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def _without_keys(batch: pa.Table, dropped: list[Any]) -> pa.Table:
+    """The rows whose ``key`` is not in ``dropped`` (an object ref of a sorted int64 array)."""
+    import ray
+
+    keys = ray.get(dropped[0])
+    row_keys = batch.column("key").to_numpy()
+    position = np.minimum(np.searchsorted(keys, row_keys), len(keys) - 1)
+    return batch.filter(pa.array(keys[position] != row_keys))
 
 
 def drop_documents(batch: pa.Table, dropped: list[Any]) -> pa.Table:
