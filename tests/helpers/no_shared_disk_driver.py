@@ -1,6 +1,7 @@
 """Run by tests/integration/test_no_shared_disk.py as the driver of a two-node cluster whose worker node cannot see
 this process's working directory: tokenize and pretrain with everything on S3, kill the training worker on the
-other node once a checkpoint is registered, then serve two replicas (one per node). Prints one JSON line.
+other node once a checkpoint is registered, then serve two replicas (one per node). Prints one line: RESULT and a
+JSON object.
 
 Arguments: the run's S3 prefix, the Serve HTTP port.
 """
@@ -24,6 +25,7 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data.build import tokenize_corpus
 from pipeline.layout import RunLayout
+from pipeline.raycluster import connect
 from pipeline.serve.deploy import APP_NAME, deploy
 from pipeline.train.driver import pretrain
 
@@ -54,7 +56,7 @@ def main(prefix: str, port: int) -> dict[str, Any]:
             "serve.request_timeout_s=120",
         ]
     )
-    ray.init(address=config.run.ray_address)
+    connect(config.run)  # as every stage joins: workers' output stays in Ray's logs, off this stdout
     here = ray.get_runtime_context().get_node_id()
     other = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
     assert len(other) == 1, ray.nodes()
@@ -120,4 +122,4 @@ def main(prefix: str, port: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))), flush=True)
+    print("RESULT " + json.dumps(main(sys.argv[1], int(sys.argv[2]))), flush=True)

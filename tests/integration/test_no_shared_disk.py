@@ -72,8 +72,9 @@ def test_pretrain_resume_and_serve_on_nodes_that_share_no_disk(s3: str, tmp_path
             )
         finally:
             node.terminate()
-    assert driver.returncode == 0, driver.stdout[-4000:] + driver.stderr[-8000:]
-    result = json.loads(driver.stdout.strip().splitlines()[-1])
+    lines = [line for line in driver.stdout.splitlines() if line.startswith("RESULT ")]
+    assert driver.returncode == 0 and lines, driver.stdout[-4000:] + driver.stderr[-8000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
     print(f"\nno shared disk: {result}")
     assert result["error"] is None and result["steps"] == 6
     assert result["train_nodes"] == result["nodes"]  # one rank on each node
