@@ -196,6 +196,12 @@ class TrainSection(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on 2-D weights.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_rows: int | None = Field(
+        256,
+        ge=1,
+        description="Positions per chunk of the fused LM-head cross-entropy (full logits never held); "
+        "empty: one full logits tensor and F.cross_entropy.",
+    )
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     eval_every: int = Field(100, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(8, ge=1, description="Micro-batches per validation evaluation.")

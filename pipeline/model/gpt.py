@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.loss import linear_cross_entropy
+
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """One ``(key, value)`` pair per layer, each shaped ``(B, n_head, T_past, d_head)``."""
 
@@ -80,7 +82,7 @@ class GPTOutput(NamedTuple):
     """A named tuple, so that hooks which walk a module's outputs (as parameter-partitioning trainers do in
     backward) see the tensors it holds."""
 
-    logits: torch.Tensor  # (B, T_new, vocab_size)
+    logits: torch.Tensor | None  # (B, T_new, vocab_size); None when a chunked loss was asked for
     loss: torch.Tensor | None = None  # only when targets are given
     past_key_values: KVCache | None = None  # only when use_cache=True
 
@@ -259,9 +261,13 @@ class GPT(nn.Module):
         use_cache: bool = False,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        loss_chunk_rows: int | None = None,
     ) -> GPTOutput:
         """``input_ids`` (B, T_new); ``targets`` (B, T_new) with -100 = ignored; ``attention_mask``
-        (B, T_past + T_new) with 1 = real token, 0 = padding (left padding for batched prompts)."""
+        (B, T_past + T_new) with 1 = real token, 0 = padding (left padding for batched prompts).
+
+        With ``targets`` and ``loss_chunk_rows``, the loss is :func:`~pipeline.model.loss.linear_cross_entropy` over
+        chunks of that many positions and ``logits`` is None: the full logits are never built."""
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -294,12 +300,16 @@ class GPT(nn.Module):
             x, kv = block(x, masks[kind], past)
             if use_cache:
                 present.append(kv)
-        logits = self.lm_head(self.transformer.ln_f(x))
-
+        x = self.transformer.ln_f(x)
+        cache = tuple(present) if use_cache else None
+        if targets is not None and loss_chunk_rows is not None:
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk_rows)
+            return GPTOutput(logits=None, loss=loss, past_key_values=cache)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return GPTOutput(logits=logits, loss=loss, past_key_values=tuple(present) if use_cache else None)
+        return GPTOutput(logits=logits, loss=loss, past_key_values=cache)
 
 
 @functools.lru_cache(maxsize=64)  # GPTConfig is frozen, hence hashable

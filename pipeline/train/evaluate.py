@@ -21,13 +21,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def validation_loss(engine: Any, batches: Batches, device: torch.device) -> dict[str, float]:
+def validation_loss(
+    engine: Any, batches: Batches, device: torch.device, loss_chunk_rows: int | None = None
+) -> dict[str, float]:
     """Validation loss (mean over target tokens, all ranks) and perplexity."""
     engine.eval()
     loss_sum, count = 0.0, 0.0
     with torch.no_grad():
         for inputs, targets in batches.eval_batches():
-            output = engine(inputs.to(device), targets.to(device))
+            output = engine(inputs.to(device), targets.to(device), loss_chunk_rows=loss_chunk_rows)
             n = int((targets != IGNORE).sum())
             loss_sum += float(output.loss) * n
             count += n

@@ -48,6 +48,7 @@ class TrainPlan:
     seed: int
     use_gpu: bool
     activation_checkpointing: bool
+    loss_chunk_rows: int | None = None  # the fused LM-head loss's chunk (None: full logits)
     peak_tflops: float | None = None
     init_export: str | None = None  # weights to start from (fine-tuning)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -211,6 +212,7 @@ def make_plan(config: PipelineConfig, stage: Stage) -> TrainPlan:
         seed=config.run.seed,
         use_gpu=settings.use_gpu,
         activation_checkpointing=settings.activation_checkpointing,
+        loss_chunk_rows=settings.loss_chunk_rows,
         peak_tflops=settings.peak_tflops,
         init_export=storage.absolute(str(init_export)) if init_export else None,
         tokenizer=tokenizer,

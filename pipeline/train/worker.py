@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         loss_sum, loss_count = 0.0, 0
         for micro in range(plan.grad_accum):
             inputs, targets = batches.micro_batch(consumed, micro)
-            output = engine(inputs.to(device), targets.to(device))
+            output = engine(inputs.to(device), targets.to(device), loss_chunk_rows=plan.loss_chunk_rows)
             engine.backward(output.loss)
             engine.step()
             count = int((targets != IGNORE).sum())
@@ -107,7 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "mfu": token_flops * tokens_per_s / (peak_flops * world) if peak_flops else None,
         }
         if step % plan.eval_every == 0 or step == plan.max_steps:
-            last_val = validation_loss(engine, batches, device)
+            last_val = validation_loss(engine, batches, device, plan.loss_chunk_rows)
             if tasks is not None:
                 last_val.update(tasks.scores())
             row.update(last_val)
@@ -115,7 +115,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if progress is not None:
             progress.update.remote({"step": step, "loss": row["loss"], "tokens_per_s": tokens_per_s})
         checkpoint_due = step % plan.checkpoint_every == 0 or step == stop_at
-        diverged = divergence(row, next_loss(engine, batches, consumed, device) if checkpoint_due else None)
+        diverged = divergence(
+            row, next_loss(engine, batches, consumed, device, plan.loss_chunk_rows) if checkpoint_due else None
+        )
         if diverged is not None:
             if rank == 0:
                 print(f"raygpt {plan.stage}: diverged at step {step}: {diverged['what']} is {diverged['value']}")
@@ -155,14 +157,16 @@ def divergence(row: dict[str, Any], next_loss: float | None) -> dict[str, Any] |
     return None
 
 
-def next_loss(engine: Any, batches: Any, consumed: int, device: torch.device) -> float:
+def next_loss(
+    engine: Any, batches: Any, consumed: int, device: torch.device, loss_chunk_rows: int | None = None
+) -> float:
     """Mean loss (all ranks) of the current weights on the next step's first micro-batch, in eval mode without
     gradients: finite weights can still be poisoned (large enough to overflow the next forward pass), and a
     checkpoint of them would be no good one to resume from. Costs one forward pass per checkpoint."""
     engine.eval()
     with torch.no_grad():
         inputs, targets = batches.micro_batch(consumed, 0)
-        output = engine(inputs.to(device), targets.to(device))
+        output = engine(inputs.to(device), targets.to(device), loss_chunk_rows=loss_chunk_rows)
     count = int((targets != IGNORE).sum())
     total, count_all = all_reduce_sum([float(output.loss) * count if count else 0.0, float(count)], device)
     engine.train()

@@ -32,6 +32,7 @@ def _config(run_dir: Path, *extra: str) -> PipelineConfig:
             "train.eval_every=3",
             "train.eval_batches=2",
             "train.max_failures=0",
+            "train.loss_chunk_rows=48",  # 128 positions a micro-batch: three chunks, the last one short
             "finetune.max_steps=3",
             "finetune.micro_batch_size=4",
             f"finetune.inputs=[{run_dir.parent / 'ft' / 'train.jsonl'}]",
@@ -106,6 +107,20 @@ def test_stopped_and_resumed_run_matches_uninterrupted(workspace: Path, pretrain
     b, _ = load_export(resumed["export"])
     for name, tensor in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_fused_loss_trains_as_the_full_logits_do(workspace: Path, pretrained: dict) -> None:
+    """ZeRO-3 with 2 workers: the chunked LM-head loss (the workspace's runs) and the full-logits path give the same
+    losses step by step; only the order of floating-point sums differs."""
+    from pipeline.train.driver import pretrain
+
+    run = workspace / "full-logits"
+    shutil.copytree(workspace / "a" / "data", run / "data")
+    pretrain(_config(run, "train.loss_chunk_rows=null", "train.stop_after_steps=3"))
+    expected, got = _losses(workspace / "a"), _losses(run)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=0), (step, got[step], expected[step])
 
 
 def test_finished_run_is_skipped_and_other_model_is_refused(workspace: Path, pretrained: dict) -> None:
