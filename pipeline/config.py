@@ -277,6 +277,9 @@ class ServeSection(Section):
         False,
         description="Serve a non-loopback serve.host without an API key (only behind your own auth proxy).",
     )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without the API key (for a Prometheus scraper inside the cluster)."
+    )
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
     )

@@ -123,6 +123,7 @@ class Engine:
         self._scoring: deque[_PromptScoring] = deque()
         self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
+        self._cached_tokens = 0
 
     @classmethod
     def from_export(
@@ -183,6 +184,17 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Positions whose keys and values the engine holds for its sequences (padding excluded), as of the last
+        step: a plain int, so any thread may read it while another steps."""
+        return self._cached_tokens
+
+    @property
+    def cache_capacity(self) -> int:
+        """Positions the batch's cache can hold: ``max_batch_size`` rows of the context length."""
+        return self.max_batch_size * self.context_length
+
     def reset(self) -> list[int]:
         """Forget every sequence (after a failed step); returns the ids of all it held: waiting, running, and those
         the failed step had taken from the queue to admit."""
@@ -193,6 +205,7 @@ class Engine:
             self._aborted.clear()
         self._running, self._admitting, self._cache, self._mask = [], [], None, None
         self._scoring.clear()
+        self._cached_tokens = 0
         return ids
 
     @torch.inference_mode()
@@ -217,6 +230,7 @@ class Engine:
         self._admitting = []
         if self._scoring:
             deltas += self._score_prompts()
+        self._cached_tokens = self._count_cached()
         return deltas
 
     def generate(
@@ -258,6 +272,12 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def _count_cached(self) -> int:
+        """A running sequence's cache holds its prompt and every sampled token but the last (fed at the next
+        decode); a sequence being scored holds its prompt."""
+        running = sum(len(s.prompt_ids) + s.generated - 1 for s in self._running)
+        return running + sum(len(p.seq.prompt_ids) for p in self._scoring)
 
     def _keep(self, rows: list[int]) -> None:
         """Keep only these rows of the running batch, then trim leading all-padding columns."""

@@ -3,8 +3,9 @@
 
 Routes only parse HTTP and return JSON or a stream; what they do is :class:`~pipeline.serve.serving.OpenAIServing`.
 Every error is OpenAI-shaped (:mod:`pipeline.serve.errors`); the API key is checked from the headers, before
-the body is read (:mod:`pipeline.serve.auth`). The app is built when a replica starts, from that
-replica's settings, so nothing about one deployment lives in module state.
+the body is read (:mod:`pipeline.serve.auth`); every response is counted for ``GET /metrics``
+(:mod:`pipeline.serve.metrics`). The app is built when a replica starts, from that replica's settings, so nothing
+about one deployment lives in module state.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from pipeline.serve import errors
-from pipeline.serve.auth import APIKeyAuth
+from pipeline.serve.auth import PUBLIC_PATHS, APIKeyAuth
 from pipeline.serve.errors import GENERATE_ERRORS, JSONResponse, documented
+from pipeline.serve.metrics import CONTENT_TYPE, RequestCounter
 from pipeline.serve.protocol import (
     ChatCompletionResponse,
     ChatRequest,
@@ -41,8 +43,8 @@ def _respond(result: Any, headers: dict[str, str]) -> JSONResponse | StreamingRe
 
 
 def create_app(serving: OpenAIServing) -> FastAPI:
-    """The OpenAI-compatible API over ``serving``: /health, /v1/models, /v1/completions, /v1/chat/completions, and
-    vLLM's /tokenize, /detokenize and /tokenizer_info."""
+    """The OpenAI-compatible API over ``serving``: /health, /v1/models, /v1/completions, /v1/chat/completions,
+    vLLM's /tokenize, /detokenize and /tokenizer_info, and Prometheus metrics at /metrics."""
     app = FastAPI(
         title="raygpt",
         description="OpenAI-compatible completions served by raygpt on Ray Serve.",
@@ -50,8 +52,9 @@ def create_app(serving: OpenAIServing) -> FastAPI:
         default_response_class=JSONResponse,
     )
     errors.install(app, serving.settings.max_request_bytes)
-    if serving.settings.api_key is not None:  # added last, so it runs first: before the body limit reads a byte
-        app.add_middleware(APIKeyAuth, api_key=serving.settings.api_key)
+    if serving.settings.api_key is not None:  # added after the body limit, so it runs first: before it reads a byte
+        public = PUBLIC_PATHS | {"/metrics"} if serving.settings.metrics_public else PUBLIC_PATHS
+        app.add_middleware(APIKeyAuth, api_key=serving.settings.api_key, public_paths=public)
 
     @app.get("/health", response_model=Health, responses=documented(405, 413))
     async def health() -> dict[str, str]:
@@ -91,6 +94,16 @@ def create_app(serving: OpenAIServing) -> FastAPI:
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
         return _respond(*await serving.chat_completions(body))
 
+    # Not in the OpenAPI spec (as vLLM's): it answers Prometheus's text format, not the API's JSON.
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text exposition: the ingress's request, token and latency figures, and the engine gauges of
+        every Generator replica (asked on each scrape)."""
+        return Response(await serving.metrics.scrape(serving.generator), media_type=CONTENT_TYPE)
+
+    # Added last, so it runs first: it sees every response, the auth check's 401s and the body limit's 413s too.
+    routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    app.add_middleware(RequestCounter, metrics=serving.metrics, routes=routes)
     return app
 
 

@@ -1,8 +1,9 @@
 """API-key authentication as ASGI middleware: a request is judged from its headers, before any of its body is read.
 
 With ``serve.api_key`` (or ``$RAYGPT_API_KEY``) set, every route except the public ones (liveness and the API
-spec) needs ``Authorization: Bearer <key>``. A caller without the key gets a 401 in OpenAI's shape at once: it
-cannot make the ingress read, buffer or parse a body (chunked or not), nor learn which routes exist.
+spec; ``/metrics`` too with ``serve.metrics_public``) needs ``Authorization: Bearer <key>``. A caller without the
+key gets a 401 in OpenAI's shape at once: it cannot make the ingress read, buffer or parse a body (chunked or not),
+nor learn which routes exist.
 """
 
 from __future__ import annotations

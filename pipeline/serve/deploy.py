@@ -96,6 +96,7 @@ def build_app(config: Any, export: str | None = None) -> Any:
         vocab_size=info.model.vocab_size,
         tokenizer=info.tokenizer.get("name", "r50k_base"),
         tokenizer_file=config.data.tokenizer_file,
+        metrics_public=s.metrics_public,
     )
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0},

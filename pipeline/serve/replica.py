@@ -2,8 +2,11 @@
 
 A background loop steps the engine while it has work; new sequences join the running batch at the next step and
 finished ones leave it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream,
-first a :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` one list at the end
-with each sequence's merged output). An engine failure fails the sequences in flight and the loop goes on.
+first a :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` an empty list when
+the request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
+merged output). An engine failure fails the sequences in flight and the loop goes on. After every step the engine's
+figures go to Ray's metrics (:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives
+them to the ingress's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ray import serve
 
 from pipeline.inference.outputs import Delta
 from pipeline.inference.sampling import SamplingParams
+from pipeline.serve.metrics import EngineGauges, EngineStats
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class Generator:
         self._queues: dict[int, asyncio.Queue[Delta | EngineFailure]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._gauges = EngineGauges()
+        self._gauges.record(self.engine_stats())
 
     def _ensure_loop(self) -> asyncio.Event:
         if self._wake is None or self._task is None or self._task.done():
@@ -95,7 +101,9 @@ class Generator:
                     queue = self._queues.get(seq_id)
                     if queue is not None:
                         queue.put_nowait(failure)
+                self._gauges.record(self.engine_stats())
                 continue
+            self._gauges.record(self.engine_stats())
             for delta in deltas:
                 queue = self._queues.get(delta.seq_id)
                 if queue is not None:
@@ -105,6 +113,13 @@ class Generator:
         """Sequences running and waiting in this replica's engine, and requests attached to it."""
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "attached": len(self._queues)}
 
+    def engine_stats(self) -> EngineStats:
+        """This replica's engine figures, for the ingress's ``/metrics`` (and Ray's, after every step)."""
+        engine = self.engine
+        return EngineStats(
+            self.replica, engine.num_running, engine.num_waiting, engine.num_cached_tokens, engine.cache_capacity
+        )
+
     def check_health(self) -> None:
         if self._task is not None and self._task.done() and not self._task.cancelled():
             raise RuntimeError(f"the generation loop died: {self._task.exception()!r}")
@@ -113,7 +128,8 @@ class Generator:
         self, sequences: list[SequenceRequest], stream: bool = True
     ) -> AsyncIterator[ReplicaInfo | list[tuple[int, Delta]]]:
         """Yields a :class:`ReplicaInfo`, then ``(sequence index, delta)`` lists until every sequence finished;
-        without ``stream`` one list of merged deltas at the end (far less per-token overhead)."""
+        without ``stream`` an empty list at the request's first generated token and one list of merged deltas at
+        the end (far less per-token overhead)."""
         yield ReplicaInfo(self.replica, self.info.weights_sha256)
         wake = self._ensure_loop()
         queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
@@ -126,6 +142,7 @@ class Generator:
             wake.set()
             remaining = len(index)
             merged = [Delta(seq_id) for seq_id in index]
+            first_token_sent = stream
             while remaining:
                 items = [await queue.get()]
                 while not queue.empty():
@@ -142,6 +159,9 @@ class Generator:
                         merged[index[item.seq_id]].merge(item)
                 if out:
                     yield out
+                elif not first_token_sent and any(m.completion_tokens > 0 for m in merged):
+                    first_token_sent = True
+                    yield []
             if not stream:
                 yield list(enumerate(merged))
         finally:

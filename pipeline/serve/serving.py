@@ -1,6 +1,6 @@
 """What the OpenAI routes do, between the parsed request and the response body: prompts to token
 ids, the per-request limits, sending sequences to a ``Generator`` replica and turning its deltas into OpenAI
-responses or server-sent events.
+responses or server-sent events, timing each generation request for :mod:`pipeline.serve.metrics` as it goes.
 
 :class:`OpenAIServing` holds no HTTP machinery (the routes in :mod:`pipeline.serve.app` call it) and never touches
 the export: what it needs of the model (context length, vocabulary, tokenizer) comes in :class:`ServingSettings`,
@@ -25,6 +25,7 @@ from pipeline.inference.sampling import ContextLengthError, SamplingParams, chec
 from pipeline.model.chat import CHAT_TEMPLATE_JINJA
 from pipeline.model.tokenizer import get_tokenizer
 from pipeline.serve.errors import APIError, engine_failed, error_body, replica_failed
+from pipeline.serve.metrics import RequestTimer, ServingMetrics
 from pipeline.serve.protocol import (
     MAX_SEQUENCES,
     AssistantMessage,
@@ -66,6 +67,7 @@ class ServingSettings:
     vocab_size: int
     tokenizer: str
     tokenizer_file: str | None
+    metrics_public: bool = False
 
 
 class OpenAIServing:
@@ -81,6 +83,7 @@ class OpenAIServing:
         longest_token = max(len(b) for b in self.tokenizer.encoding.token_byte_values())
         self.max_prompt_chars = longest_token * self.context_length
         self.created = int(time.time())
+        self.metrics = ServingMetrics()
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -187,13 +190,16 @@ class OpenAIServing:
     def headers(info: ReplicaInfo) -> dict[str, str]:
         return {"x-raygpt-replica": info.replica, "x-raygpt-export-sha256": info.export_sha256}
 
-    async def _collect(self, stream: Any, count: int) -> list[Delta]:
+    async def _collect(self, stream: Any, count: int, timer: RequestTimer) -> list[Delta]:
         choices = [Delta(i) for i in range(count)]
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 async for items in stream:
+                    if not items:  # the replica's notice of the request's first token
+                        timer.first_token()
                     for i, delta in items:
                         choices[i].merge(delta)
+                        timer.seen(i, delta)
         except TimeoutError:
             stream.cancel()
             raise APIError(504, f"Request exceeded {self.request_timeout_s} s.", "timeout", code="timeout") from None
@@ -204,10 +210,11 @@ class OpenAIServing:
             raise replica_failed(exc) from None
         except EngineFailure:  # Ray re-raises the replica's error as an instance of it
             raise engine_failed() from None
+        timer.completed()
         return choices
 
     async def _events(
-        self, stream: Any, chunk: Callable[[int, Delta], Any], final: Callable[[], Any] | None
+        self, stream: Any, chunk: Callable[[int, Delta], Any], final: Callable[[], Any] | None, timer: RequestTimer
     ) -> AsyncIterator[str]:
         """SSE lines for each delta, optionally a usage chunk, then [DONE]; timeouts end with an error event."""
 
@@ -218,9 +225,11 @@ class OpenAIServing:
             async with asyncio.timeout(self.request_timeout_s):
                 async for items in stream:
                     for i, delta in items:
+                        timer.seen(i, delta)
                         payload = chunk(i, delta)
                         if payload is not None:
                             yield event(payload.model_dump())
+            timer.completed()
         except TimeoutError:
             stream.cancel()
             yield event(error_body(f"Request exceeded {self.request_timeout_s} s.", "timeout", code="timeout"))
@@ -277,6 +286,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest) -> tuple[Any, dict[str, str]]:
         """A :class:`CompletionResponse`, or an SSE line iterator when streaming; plus the response headers."""
+        timer = self.metrics.timer()
         params = self._params(body)
         self._check_prompts(body.prompt, body.n)
         prompts = await self.prompts(body.prompt)
@@ -284,9 +294,10 @@ class OpenAIServing:
         stream, info = await self._start(sequences, body.stream)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        timer.accepted(prompt_tokens)
 
         if not body.stream:
-            outputs = await self._collect(stream, len(sequences))
+            outputs = await self._collect(stream, len(sequences), timer)
             choices = [
                 CompletionChoice(
                     text=d.text, index=i, logprobs=CompletionLogprobs.of(d.logprobs), finish_reason=d.finish_reason
@@ -310,10 +321,11 @@ class OpenAIServing:
         def final() -> CompletionResponse:
             return CompletionResponse(**base, choices=[], usage=Usage.of(prompt_tokens, sum(totals)))
 
-        return self._events(stream, chunk, final if body.include_usage else None), self.headers(info)
+        return self._events(stream, chunk, final if body.include_usage else None, timer), self.headers(info)
 
     async def chat_completions(self, body: ChatRequest) -> tuple[Any, dict[str, str]]:
         """A :class:`ChatCompletionResponse`, or an SSE line iterator when streaming; plus the response headers."""
+        timer = self.metrics.timer()
         params = self._params(body)
         prompt = body.prompt()
         self._check_prompts(prompt, body.n)
@@ -321,9 +333,10 @@ class OpenAIServing:
         sequences = self._sequences([(ids, prompt)], params, body.n)
         stream, info = await self._start(sequences, body.stream)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        timer.accepted(len(ids))
 
         if not body.stream:
-            outputs = await self._collect(stream, len(sequences))
+            outputs = await self._collect(stream, len(sequences), timer)
             choices = [
                 ChatChoice(index=i, message=AssistantMessage(content=d.text.lstrip()), finish_reason=d.finish_reason)
                 for i, d in enumerate(outputs)
@@ -353,4 +366,4 @@ class OpenAIServing:
         def final() -> ChatCompletionChunk:
             return ChatCompletionChunk(**base, choices=[], usage=Usage.of(len(ids), sum(totals)))
 
-        return self._events(stream, chunk, final if body.include_usage else None), self.headers(info)
+        return self._events(stream, chunk, final if body.include_usage else None, timer), self.headers(info)
