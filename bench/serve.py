@@ -7,8 +7,15 @@ Compares, with the same weights (an untrained export of ``--preset``), prompts a
   plain "call generate per request" server does); clients queue behind it.
 * ``hf-static-batch``: the same, but every ``generate`` call takes up to ``concurrency`` waiting requests at once
   (left padding); a batch must finish before the next one starts.
+* ``engine``: the limit of a replica: raygpt's continuous-batching engine driven in this process at the same
+  batch size, with no HTTP and no Ray (a thread steps it while it has work, as a replica's loop does).
 * ``serve-1`` / ``serve-2``: the raygpt Serve application over HTTP with 1 or 2 Generator replicas (continuous
-  batching), ``num_cpus_per_replica`` CPUs (= torch threads) each.
+  batching), ``num_cpus_per_replica`` CPUs (= torch threads) each; one JSON answer per request.
+* ``serve-1-stream`` / ``serve-2-stream``: the same requests streamed (SSE), so the client sees each token as it
+  comes: time to first token (TTFT) and inter-token latency (ITL) are client-side. Every token then crosses two
+  more processes (replica -> ingress -> HTTP proxy) on its own.
+
+Cold start: from ``deploy()`` to the first token of the first request, with the deploy's own share.
 
 The HF baselines use the same number of torch threads as one replica. Results go into bench/results/serve.json
 and bench/RESULTS.md (see bench/report.py).
@@ -28,6 +35,9 @@ _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -36,6 +46,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import requests  # noqa: E402
@@ -75,32 +86,101 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def drive(call: Callable[[list[int]], int], prompts: list[list[int]], concurrency: int) -> dict[str, float]:
+@dataclass
+class Answer:
+    """One request's output tokens, and when the client saw its tokens (None where the system does not stream)."""
+
+    tokens: int
+    first_token_s: float | None = None  # from the request's start
+    token_gaps_s: list[float] = field(default_factory=list)  # between successive tokens after the first
+
+
+def drive(call: Callable[[list[int]], Answer], prompts: list[list[int]], concurrency: int) -> dict[str, float]:
     """``concurrency`` client threads send the prompts (each request waits for its answer)."""
     latencies: list[float] = []
-    tokens = 0
+    answers: list[Answer] = []
     lock = threading.Lock()
 
     def one(prompt: list[int]) -> None:
-        nonlocal tokens
         start = time.perf_counter()
-        produced = call(prompt)
+        answer = call(prompt)
         elapsed = time.perf_counter() - start
         with lock:
             latencies.append(elapsed)
-            tokens += produced
+            answers.append(answer)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, prompts))
     wall = time.perf_counter() - start
-    return {
-        "tokens_per_s": tokens / wall,
+    result = {
+        "tokens_per_s": sum(a.tokens for a in answers) / wall,
         "p50_s": statistics.median(latencies),
         "p99_s": percentile(latencies, 99),
         "requests": len(latencies),
         "wall_s": wall,
     }
+    firsts = [a.first_token_s for a in answers if a.first_token_s is not None]
+    gaps = [g for a in answers for g in a.token_gaps_s]
+    if firsts and gaps:
+        result |= {
+            "ttft_p50_s": statistics.median(firsts),
+            "ttft_p99_s": percentile(firsts, 99),
+            "itl_p50_s": statistics.median(gaps),
+            "itl_p99_s": percentile(gaps, 99),
+        }
+    return result
+
+
+class EngineServer:
+    """raygpt's Engine in this process: one thread steps it while it has work; each call adds a sequence and waits
+    for it to finish, timing its tokens as the steps produce them."""
+
+    def __init__(self, export: str, max_new_tokens: int, threads: int, max_batch: int) -> None:
+        from pipeline.inference.engine import Engine
+        from pipeline.inference.sampling import SamplingParams
+
+        torch.set_num_threads(threads)
+        self.engine, _ = Engine.from_export(export, max_batch_size=max_batch)
+        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        self.cv = threading.Condition()
+        self.listeners: dict[int, Callable[[Any], None]] = {}
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(self.engine.has_work)
+            for delta in self.engine.step():
+                with self.cv:
+                    listener = self.listeners.get(delta.seq_id)
+                if listener is not None:
+                    listener(delta)
+
+    def __call__(self, prompt: list[int]) -> Answer:
+        start = time.perf_counter()
+        seen: list[float] = []
+        done = threading.Event()
+        answer = Answer(0)
+
+        def listen(delta: Any) -> None:
+            if delta.text:  # as the HTTP client sees it: a token event carries text
+                seen.append(time.perf_counter())
+            answer.tokens = delta.completion_tokens
+            if delta.finish_reason is not None:
+                done.set()
+
+        with self.cv:
+            seq_id = self.engine.add(prompt, self.params)
+            self.listeners[seq_id] = listen
+            self.cv.notify()
+        done.wait()
+        with self.cv:
+            del self.listeners[seq_id]
+        if seen:
+            answer.first_token_s = seen[0] - start
+            answer.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
+        return answer
 
 
 class HFServer:
@@ -147,27 +227,53 @@ class HFServer:
                 slot["tokens"] = n
                 done.set()
 
-    def __call__(self, prompt: list[int]) -> int:
+    def __call__(self, prompt: list[int]) -> Answer:
         slot: dict[str, Any] = {}
         done = threading.Event()
         with self.cv:
             self.waiting.append((prompt, slot, done))
             self.cv.notify()
         done.wait()
-        return int(slot["tokens"])
+        return Answer(int(slot["tokens"]))
 
 
-def serve_client(url: str, max_tokens: int) -> Callable[[list[int]], int]:
+def serve_client(url: str, max_tokens: int, stream: bool) -> Callable[[list[int]], Answer]:
+    """A completion per call. Streamed (SSE), its tokens are timed as their events arrive and usage comes last;
+    otherwise one JSON answer."""
     session_local = threading.local()
 
-    def call(prompt: list[int]) -> int:
+    def call(prompt: list[int]) -> Answer:
         session = getattr(session_local, "session", None)
         if session is None:
             session = session_local.session = requests.Session()
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        r = session.post(f"{url}/v1/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return int(r.json()["usage"]["completion_tokens"])
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        start = time.perf_counter()
+        seen: list[float] = []
+        answer = Answer(0)
+        with session.post(f"{url}/v1/completions", json=body, timeout=600, stream=True) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith(b"{"):
+                    answer.tokens = int(json.loads(line)["usage"]["completion_tokens"])
+                    continue
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix(b"data: "))
+                if event.get("usage"):
+                    answer.tokens = int(event["usage"]["completion_tokens"])
+                if event.get("choices") and event["choices"][0].get("text"):
+                    seen.append(time.perf_counter())
+        if seen:
+            answer.first_token_s = seen[0] - start
+            answer.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
+        return answer
 
     return call
 
@@ -206,7 +312,7 @@ def main() -> int:
     prompts = make_prompts(max(levels.values()), 8, min(32, prompt_budget))
     results: dict[str, dict[int, dict[str, float]]] = {}
 
-    def run_levels(name: str, call: Callable[[list[int]], int]) -> None:
+    def run_levels(name: str, call: Callable[[list[int]], Answer]) -> None:
         call(prompts[0])  # warm up
         results[name] = {}
         for c, n in levels.items():
@@ -214,6 +320,7 @@ def main() -> int:
             r = results[name][c]
             print(
                 f"{name:>16} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s"
+                f"  ttft p50 {r.get('ttft_p50_s', math.nan):.3f} s  itl p50 {r.get('itl_p50_s', math.nan):.3f} s"
                 f"  ({int(r['requests'])} requests, {r['wall_s']:.1f} s)",
                 flush=True,
             )
@@ -221,6 +328,8 @@ def main() -> int:
     for name, max_batch in (("hf-sequential", 1), ("hf-static-batch", max(levels))):
         if name not in args.skip:
             run_levels(name, HFServer(export, args.max_tokens, threads, max_batch))
+    if "engine" not in args.skip:
+        run_levels("engine", EngineServer(export, args.max_tokens, threads, max(levels)))
 
     import ray
     from ray import serve
@@ -230,6 +339,7 @@ def main() -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     max_ongoing = max(levels)
+    cold_starts: dict[str, dict[str, float]] = {}
     for replicas in (1, 2):
         name = f"serve-{replicas}"
         if name in args.skip:
@@ -248,14 +358,24 @@ def main() -> int:
                 },
             }
         )
+        started = time.perf_counter()
         url = deploy(config, export)
-        run_levels(name, serve_client(url, args.max_tokens))
+        deployed = time.perf_counter() - started
+        client = serve_client(url, args.max_tokens, stream=True)
+        first = client(prompts[0])
+        cold_starts[name] = {
+            "deploy_s": deployed,
+            "first_token_s": deployed + (first.first_token_s or 0.0),
+        }
+        print(f"{name:>16} cold start: deploy {deployed:.1f} s, first token {cold_starts[name]['first_token_s']:.1f} s")
+        run_levels(name, serve_client(url, args.max_tokens, stream=False))
+        run_levels(f"{name}-stream", client)
         serve.delete(APP_NAME)
     serve.shutdown()
     ray.shutdown()
 
     load = f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    write_results(args, cfg, levels, results, threads, load)
+    write_results(args, cfg, levels, results, cold_starts, threads, load)
     return 0
 
 
@@ -264,6 +384,7 @@ def write_results(
     cfg: Any,
     levels: dict[int, int],
     results: dict[str, Any],
+    cold_starts: dict[str, dict[str, float]],
     threads: int,
     load: str,
 ) -> None:
@@ -271,22 +392,43 @@ def write_results(
         f"CPU fp32. Model: untrained `{args.preset}` ({cfg.n_layer} layers, d_model {cfg.d_model}, context "
         f"{cfg.context_length}); prompts 8-32 tokens from the sample corpus; greedy, {args.max_tokens} new tokens per "
         f"request; {threads} torch thread(s) per replica and for the HF baselines. Latency is per request, "
-        "client-side (queueing included); serve-* go through HTTP (proxy, ingress and client threads share the same "
-        f"CPUs). Machine {load}.",
+        "client-side (queueing included); engine is in-process; serve-* go through HTTP (proxy, ingress and client "
+        f"threads share the same CPUs). Machine {load}.",
         "",
-        "| system | concurrency | requests | output tok/s | p50 latency (s) | p99 latency (s) |",
-        "|---|---|---|---|---|---|",
+        "| system | concurrency | requests | output tok/s | latency p50 / p99 (s) | TTFT p50 / p99 (s) | "
+        "ITL p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, per_level in results.items():
         for c, r in per_level.items():
+            ttft = f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f}" if "ttft_p50_s" in r else "-"
+            itl = f"{r['itl_p50_s'] * 1e3:.1f} / {r['itl_p99_s'] * 1e3:.1f}" if "itl_p50_s" in r else "-"
             lines.append(
-                f"| {name} | {c} | {int(r['requests'])} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
-                f"{r['p99_s']:.2f} |"
+                f"| {name} | {c} | {int(r['requests'])} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} / "
+                f"{r['p99_s']:.2f} | {ttft} | {itl} |"
             )
+    for name, cold in cold_starts.items():
+        lines.append("")
+        lines.append(
+            f"Cold start of {name}: `deploy()` returned after {cold['deploy_s']:.1f} s; the first token of the first "
+            f"request came {cold['first_token_s']:.1f} s after the deploy began."
+        )
     headlines = []
-    targets = {("serve-1", "hf-sequential", 8): 1.5, ("serve-2", "serve-1", 32): 1.6}
+    targets = {
+        ("serve-1", "hf-sequential", 8): 1.5,
+        ("serve-2", "serve-1", 32): 1.6,
+        ("serve-1", "engine", 8): 0.85,
+        ("serve-1", "engine", 32): 0.85,
+    }
+    pairs = (
+        ("serve-1", "engine"),
+        ("serve-1-stream", "engine"),
+        ("serve-1", "hf-sequential"),
+        ("serve-1", "hf-static-batch"),
+        ("serve-2", "serve-1"),
+    )
     for c in levels:
-        for name, base in (("serve-1", "hf-sequential"), ("serve-1", "hf-static-batch"), ("serve-2", "serve-1")):
+        for name, base in pairs:
             measured, baseline = results.get(name, {}).get(c), results.get(base, {}).get(c)
             if measured and baseline:
                 headlines.append(
