@@ -18,6 +18,25 @@ import time
 from typing import Any, TextIO
 
 RAY_INIT_OPTIONS = {"log_to_driver": False, "logging_level": logging.WARNING}
+# Ray's notice that a local cluster has token authentication on: the secure default, nothing to act on. Its notice
+# that authentication is off stays.
+_AUTH_ON_NOTICE = "Token authentication is enabled"
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_init() -> None:
+    """Before ``ray.init``: drop the notices it logs that ask nothing of the user."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice(_AUTH_ON_NOTICE))
 
 
 def quiet_ray() -> None:

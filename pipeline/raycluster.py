@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from pipeline.config import RunSection
-from pipeline.console import RAY_INIT_OPTIONS, quiet_ray
+from pipeline.console import RAY_INIT_OPTIONS, quiet_ray, quiet_ray_init
 
 
 def connect(run: RunSection) -> None:
@@ -19,6 +19,7 @@ def connect(run: RunSection) -> None:
     if ray.is_initialized():
         return
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    quiet_ray_init()
     if address:
         ray.init(address=address, **RAY_INIT_OPTIONS)
     else:

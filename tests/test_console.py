@@ -4,6 +4,7 @@ on one. (A whole run's console is checked on `ray job logs` in tests/integration
 from __future__ import annotations
 
 import io
+import logging
 import time
 
 from pipeline.console import ProgressDisplay, format_progress
@@ -50,3 +51,29 @@ def test_progress_line_format() -> None:
     )
     assert format_progress("pretrain", progress, 200, rate=None).endswith("1,500 tok/s")
     assert format_progress("pretrain", {**progress, "step": 0}, 100_000, rate=0.01).endswith("eta 2777h46m")
+
+
+def test_ray_init_notice_of_token_auth_on_is_dropped_and_the_one_of_it_off_kept() -> None:
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from pipeline.console import quiet_ray_init
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    quiet_ray_init()
+    quiet_ray_init()  # idempotent: one filter
+    kept = Keep()
+    auth.logger.addHandler(kept)
+    try:
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    finally:
+        auth.logger.removeHandler(kept)
+    assert len(kept.messages) == 1 and kept.messages[0].startswith("Token authentication is disabled"), kept.messages
+    assert sum(type(f).__name__ == "_DropNotice" for f in auth.logger.filters) == 1
