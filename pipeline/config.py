@@ -240,7 +240,30 @@ class FinetuneSection(Section):
 class AutoscalingSection(Section):
     min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 scales to zero when idle).")
     max_replicas: int = Field(2, ge=1, description="Most model replicas.")
-    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica to scale toward.")
+    signal: Literal["ongoing_requests", "engine_queue"] = Field(
+        "ongoing_requests",
+        description="What the replica count follows: ongoing_requests (Ray Serve's default policy: requests at the "
+        "replicas and queued at the ingress, over target_ongoing_requests) or engine_queue (sequences waiting and "
+        "running in the replicas' engines plus requests queued at the ingress, over target_sequences).",
+    )
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ongoing requests per replica to scale toward (signal ongoing_requests)."
+    )
+    target_sequences: float | None = Field(
+        None,
+        gt=0,
+        description="Engine sequences (waiting + running) per replica to scale toward (signal engine_queue); "
+        "empty: serve.max_batch_size.",
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Seconds over which each replica's figures are averaged for a scaling decision."
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Seconds the signal must keep asking for more replicas before they are added."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Seconds the signal must keep asking for fewer replicas before they are removed."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSection:

@@ -4,7 +4,8 @@ Generator replicas of one export, Serve's HTTP proxy on ``serve.host:serve.port`
 Backpressure: each Generator replica takes ``max_ongoing_requests`` requests at a time; up to
 ``max_queued_requests`` more wait in the ingress's handle queue; beyond that the ingress answers 503 at once.
 Deploying again with another export rolls the Generator replicas over (new ones start before old ones stop, old
-ones finish their requests), so clients see no failed requests.
+ones finish their requests), so clients see no failed requests. With ``serve.autoscaling`` the replica count follows
+Serve's ongoing requests or the engines' queues (``serve.autoscaling.signal``, :func:`autoscaling_config`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray import serve
 from pipeline.config import API_KEY_ENV, ConfigError
 from pipeline.layout import resolve_export
 from pipeline.serve.app import Ingress
+from pipeline.serve.autoscale import POLICY_PATH
 from pipeline.serve.replica import Generator
 from pipeline.serve.serving import ServingSettings
 
@@ -48,6 +50,27 @@ def check_exposure(config: Any) -> None:
     )
 
 
+def autoscaling_config(s: Any) -> dict[str, Any]:
+    """Ray Serve's ``autoscaling_config`` of the Generator deployment for ``serve.autoscaling`` (``s``: the serve
+    section). Signal ``ongoing_requests`` is Serve's default policy over ``target_ongoing_requests``;
+    ``engine_queue`` is :class:`~pipeline.serve.autoscale.EngineQueuePolicy` over ``target_sequences``
+    (``serve.max_batch_size`` when empty). Serve applies the delays and min/max to either policy's decision."""
+    a = s.autoscaling
+    options: dict[str, Any] = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": max(1, a.min_replicas),
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "look_back_period_s": a.look_back_period_s,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+    }
+    if a.signal == "engine_queue":
+        target = a.target_sequences if a.target_sequences is not None else s.max_batch_size
+        options["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": {"target_sequences": float(target)}}
+    return options
+
+
 def build_app(config: Any, export: str | None = None) -> Any:
     """The Serve application for ``config.serve`` (export: ``export`` or ``resolve_export(config)``)."""
     from pipeline.export.format import read_export_info
@@ -70,12 +93,7 @@ def build_app(config: Any, export: str | None = None) -> Any:
         "health_check_timeout_s": 10.0,
     }
     if s.autoscaling is not None:
-        options["autoscaling_config"] = {
-            "min_replicas": s.autoscaling.min_replicas,
-            "initial_replicas": max(1, s.autoscaling.min_replicas),
-            "max_replicas": s.autoscaling.max_replicas,
-            "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
-        }
+        options["autoscaling_config"] = autoscaling_config(s)
         options["num_replicas"] = "auto"
     else:
         options["num_replicas"] = s.num_replicas

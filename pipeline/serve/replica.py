@@ -6,7 +6,7 @@ first a :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``
 the request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
 merged output). An engine failure fails the sequences in flight and the loop goes on. After every step the engine's
 figures go to Ray's metrics (:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives
-them to the ingress's ``/metrics``.
+them to the ingress's ``/metrics``; :meth:`Generator.record_autoscaling_stats` gives the queue to Serve's autoscaler.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ray import serve
 
 from pipeline.inference.outputs import Delta
 from pipeline.inference.sampling import SamplingParams
+from pipeline.serve.autoscale import RUNNING, WAITING
 from pipeline.serve.metrics import EngineGauges, EngineStats
 
 
@@ -119,6 +120,11 @@ class Generator:
         return EngineStats(
             self.replica, engine.num_running, engine.num_waiting, engine.num_cached_tokens, engine.cache_capacity
         )
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's engine queue, which Ray Serve records on a timer when the deployment autoscales and
+        :class:`~pipeline.serve.autoscale.EngineQueuePolicy` reads (signal ``engine_queue``)."""
+        return {WAITING: float(self.engine.num_waiting), RUNNING: float(self.engine.num_running)}
 
     def check_health(self) -> None:
         if self._task is not None and self._task.done() and not self._task.cancelled():

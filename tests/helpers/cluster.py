@@ -230,6 +230,13 @@ class LocalHead:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return None
 
+    def get_json(self, path: str, timeout_s: float = 10) -> Any:
+        """The JSON body of a GET on the dashboard (token attached): Serve's and the state API's REST routes."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.auth else {}
+        request = urllib.request.Request(self.dashboard_url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+
     def log(self, tail: int = 6000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-tail:]
