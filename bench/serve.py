@@ -94,6 +94,12 @@ class Answer:
     first_token_s: float | None = None  # from the request's start
     token_gaps_s: list[float] = field(default_factory=list)  # between successive tokens after the first
 
+    def time_tokens(self, start: float, seen: list[float]) -> None:
+        """Set the timings from the request's start and the moments its token events arrived."""
+        if seen:
+            self.first_token_s = seen[0] - start
+            self.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
+
 
 def drive(call: Callable[[list[int]], Answer], prompts: list[list[int]], concurrency: int) -> dict[str, float]:
     """``concurrency`` client threads send the prompts (each request waits for its answer)."""
@@ -177,9 +183,7 @@ class EngineServer:
         done.wait()
         with self.cv:
             del self.listeners[seq_id]
-        if seen:
-            answer.first_token_s = seen[0] - start
-            answer.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
+        answer.time_tokens(start, seen)
         return answer
 
 
@@ -270,9 +274,7 @@ def serve_client(url: str, max_tokens: int, stream: bool) -> Callable[[list[int]
                     answer.tokens = int(event["usage"]["completion_tokens"])
                 if event.get("choices") and event["choices"][0].get("text"):
                     seen.append(time.perf_counter())
-        if seen:
-            answer.first_token_s = seen[0] - start
-            answer.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
+        answer.time_tokens(start, seen)
         return answer
 
     return call
