@@ -138,16 +138,24 @@ def _later_keys(group: pa.Table) -> pa.Table:
     return pa.table({"key": pa.array(keys[1:], pa.int64())})
 
 
-def _explode_bands(batch: pa.Table) -> pa.Table:
-    """One row per (document, band): the band's bucket, the document's key and signature."""
+def _explode_bands(batch: pa.Table, dropped: list[Any]) -> pa.Table:
+    """One row per (document, band): the band's bucket, the document's key and signature; documents whose key is
+    in ``dropped`` (a list of none or one object ref of a sorted int64 array) left out.
+
+    Leaving them out here, not in a map of its own, matters: a block of dropped documents only would leave that map
+    with nothing to emit, and Ray Data then hands the shuffle an empty block without a schema, which its reduce
+    cannot concatenate with the others. This map always returns its columns, rows or not.
+    """
+    if dropped:
+        batch = _without_keys(batch, dropped)
     counts = np.asarray([len(b) for b in batch.column("bands").to_pylist()], dtype=np.int64)
     buckets = batch.column("bands").combine_chunks().flatten()
     repeat = np.repeat(np.arange(len(batch)), counts)
     return pa.table(
         {
-            "bucket": buckets,
+            "bucket": pa.array(buckets, pa.int64()),
             "key": pa.array(batch.column("key").to_numpy()[repeat], pa.int64()),
-            "signature": batch.column("signature").take(pa.array(repeat)),
+            "signature": batch.column("signature").take(pa.array(repeat, pa.int64())),
         }
     )
 
@@ -228,13 +236,11 @@ def find_drops(documents: Any, settings: dict[str, Any], evaluation: np.ndarray 
         exact = np.sort(_column(dups, "key"))
     near = empty
     if settings["near"]:
-        candidates = records.select_columns(["key", "bands", "signature"])
-        if len(exact):  # an exact duplicate's signature is its first's: the search needs the first only
-            candidates = candidates.map_batches(
-                _without_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"dropped": [ray.put(exact)]}
-            )
+        # an exact duplicate's signature is its first's: the search needs the first only
+        dropped = [ray.put(exact)] if len(exact) else []
         links = (
-            candidates.map_batches(_explode_bands, batch_format="pyarrow", batch_size=None)
+            records.select_columns(["key", "bands", "signature"])
+            .map_batches(_explode_bands, batch_format="pyarrow", batch_size=None, fn_kwargs={"dropped": dropped})
             .groupby("bucket", num_partitions=_partitions(documents_count * settings["bands"], workers))
             .map_groups(_bucket_links, batch_format="pyarrow", fn_kwargs={"threshold": settings["threshold"]})
         )

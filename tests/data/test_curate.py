@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from pipeline.config import load_config
+from pipeline.data import build
 from pipeline.data.build import tokenize_corpus
 from pipeline.data.curate import _bucket_links, _later_in_components
 from pipeline.data.reader import SequenceStore, load_manifest
@@ -99,6 +101,23 @@ def test_without_curation_nothing_is_dropped_or_counted(tmp_path: Path, ray_sess
     assert "curation" not in manifest and "exact_duplicates" not in manifest["sources"]["web"]
     assert manifest["sources"]["web"]["documents"] == 12
     assert "zebra" in train_text(config)
+
+
+def test_blocks_of_exact_duplicates_only_do_not_break_the_near_search(
+    tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a corpus copied several times, one block per file: the blocks of the copies hold exact duplicates only, so
+    # after they are left out of the near-duplicate search they have no rows at all
+    monkeypatch.setattr(build, "MIN_GROUP_BYTES", 1)
+    text = "\n\n".join(" ".join(words(200 + i)) for i in range(20)) + "\n"
+    for copy in range(4):
+        (tmp_path / "corpus" / f"copy{copy}").mkdir(parents=True)
+        (tmp_path / "corpus" / f"copy{copy}" / "book.txt").write_text(text)
+    settings = [f"data.inputs=[{tmp_path / 'corpus'}]", "data.context_length=16", "data.val_fraction=0"]
+    settings += ["data.dedup.exact=true", "data.dedup.near=true", "data.num_tokenizers=2"]
+    config = load_config(None, [*settings, f"run.dir={tmp_path / 'run'}"])
+    totals = tokenize_corpus(config, log=lambda _: None).manifest["totals"]
+    assert (totals["documents"], totals["exact_duplicates"], totals["near_duplicates"]) == (20, 60, 0)
 
 
 def _bucket(keys: list[int], signatures: list[np.ndarray]) -> pa.Table:
