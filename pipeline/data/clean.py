@@ -18,12 +18,14 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from pipeline.data.errors import DataError
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 _REPLACEMENT = "\ufffd"
+LINES_PER_BATCH = 4096  # txt_document=line: documents handed on a list at a time
 _REPLACEMENT_BYTES = _REPLACEMENT.encode("utf-8")
 
 
@@ -269,13 +271,22 @@ def normalized(pieces: Iterable[str], keep_bom: bool = False) -> Iterator[str]:
 def txt_documents(pieces: Iterable[str], mode: str) -> Iterator[str]:
     """:func:`split_text` of a text given in pieces, holding one document at a time (the whole text for
     ``mode='file'``)."""
+    for batch in txt_document_batches(pieces, mode):
+        yield from batch
+
+
+def txt_document_batches(pieces: Iterable[str], mode: str) -> Iterator[list[str]]:
+    """:func:`txt_documents` in lists (the documents each piece completes), so that a caller's work per document
+    can be done a list at a time."""
     text = normalized(pieces)
     if mode == "file":
-        yield "".join(text)
+        yield ["".join(text)]
     elif mode == "paragraph":
         yield from _paragraphs(text)
     elif mode == "line":
-        yield from _lines(split_lines(text))
+        lines = _lines(split_lines(text))
+        while batch := list(islice(lines, LINES_PER_BATCH)):
+            yield batch
     else:
         raise ValueError(f"unknown txt document mode {mode!r}")
 
@@ -297,13 +308,14 @@ def _lines(lines: Iterable[str]) -> Iterator[str]:
             yield line
 
 
-def _paragraphs(pieces: Iterable[str]) -> Iterator[str]:
-    """``split_text(text, "paragraph")`` of a normalized text given in pieces, a block at a time.
+def _paragraphs(pieces: Iterable[str]) -> Iterator[list[str]]:
+    """``split_text(text, "paragraph")`` of a normalized text given in pieces, the blocks each piece completes.
 
     What is held is the current block and the whitespace after it. A break found before the held text's last
     character that is not a space, tab or newline is final: a break is only made of those, so more text cannot
-    extend it, and the regular expression decides it without looking past that character. The text before such a
-    break is whole blocks, as the regular expression splits the whole text.
+    extend it, and the regular expression decides it without looking past that character. The text before the
+    last such break is whole blocks, split as the regular expression splits the whole text (the held text before
+    ``scan`` holds no break, so splitting from its start finds the same breaks).
     """
     held = ""
     kept = False
@@ -311,18 +323,16 @@ def _paragraphs(pieces: Iterable[str]) -> Iterator[str]:
         scan = max(0, len(held.rstrip(" \t\n")))  # where a break may start: the held block itself has none
         held += piece
         end = len(held.rstrip(" \t\n"))
-        start = 0
-        for match in _PARAGRAPH_BREAK.finditer(held, scan, end):
-            block = held[start : match.start()]
-            if block.strip():
-                kept = True
-                yield block
-            start = match.end()
-        if start:
-            held = held[start:]
-    for block in _PARAGRAPH_BREAK.split(held):
-        if block.strip():
+        last = None
+        for last in _PARAGRAPH_BREAK.finditer(held, scan, end):  # noqa: B007 (only the last break is wanted)
+            pass
+        if last is None:
+            continue
+        blocks = [block for block in _PARAGRAPH_BREAK.split(held[: last.start()]) if block.strip()]
+        held = held[last.end() :]
+        if blocks:
             kept = True
-            yield block
-    if not kept:
-        yield ""
+            yield blocks
+    blocks = [block for block in _PARAGRAPH_BREAK.split(held) if block.strip()]
+    if blocks or not kept:
+        yield blocks or [""]

@@ -60,47 +60,77 @@ def is_validation(identity: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
 
 
+def validation_mask(prefix: str, indices: list[int], val_fraction: float) -> np.ndarray:
+    """:func:`is_validation` of ``f"{prefix}{index}"`` for each index, as a bool array (the same comparison: the
+    first 8 digest bytes as a big-endian integer, converted to float, over 2**64)."""
+    if val_fraction <= 0 or not indices:
+        return np.zeros(len(indices), bool)
+    digests = b"".join([hashlib.sha256(f"{prefix}{index}".encode()).digest()[:8] for index in indices])
+    return np.frombuffer(digests, ">u8") / 2.0**64 < val_fraction
+
+
 class _Chunker:
-    """Accumulates document rows of one file and hands them out as tables of at most ROWS_PER_CHUNK rows."""
+    """Accumulates document rows of one file and hands them out as tables of ROWS_PER_CHUNK rows or CHUNK_CHARS
+    characters, whichever comes first (a table ends with the document that reaches either), and the rest last."""
 
     def __init__(self, file_index: int, rel: str, val_fraction: float) -> None:
         self.file_index = file_index
         self.rel = rel
         self.val_fraction = val_fraction
         self.doc_index: list[int] = []
-        self.split: list[int] = []
+        self.split: list[np.ndarray] = []
         self.text: list[str] = []
-        self.chars = 0
+        self.chars: list[int] = []
         self.documents = 0
         self.skipped = 0
+        self.next_index = 0
 
     def add(self, index: int, raw: str | None) -> None:
-        text = clean.normalize(raw) if raw else ""
-        if not text:
-            self.skipped += 1
-            return
-        self.documents += 1
-        self.doc_index.append(index)
-        self.split.append(VAL if is_validation(f"{self.rel}#{index}", self.val_fraction) else TRAIN)
-        self.text.append(text)
-        self.chars += len(text)
+        """One raw document at its position in the file (take a full chunk out before the next ``add``)."""
+        self.next_index = index
+        self.extend([raw])
 
-    def full(self) -> bool:
-        return len(self.text) >= ROWS_PER_CHUNK or self.chars >= CHUNK_CHARS
+    def extend(self, raws: list[str | None], normalized: bool = False) -> None:
+        """Raw documents at the next positions (``normalized``: their newlines and leading byte-order mark are
+        handled already, so cleaning only strips them). Take full chunks out with :meth:`chunks`."""
+        if normalized and not any(raw.startswith("\ufeff") for raw in raws if raw):
+            texts = [raw.strip() if raw else "" for raw in raws]
+        else:
+            texts = [clean.normalize(raw) if raw else "" for raw in raws]
+        first = self.next_index
+        self.next_index += len(raws)
+        kept = [first + offset for offset, text in enumerate(texts) if text]
+        self.skipped += len(raws) - len(kept)
+        self.documents += len(kept)
+        if len(kept) < len(texts):
+            texts = [text for text in texts if text]
+        self.doc_index += kept
+        self.split.append(validation_mask(f"{self.rel}#", kept, self.val_fraction))
+        self.text += texts
+        self.chars += map(len, texts)
 
-    def take(self) -> pa.Table:
-        count = len(self.text)
+    def chunks(self) -> Iterator[pa.Table]:
+        """The full chunks held (those :meth:`add` one document at a time would have filled)."""
+        while len(self.text) >= ROWS_PER_CHUNK or sum(self.chars[:ROWS_PER_CHUNK]) >= CHUNK_CHARS:
+            ends = np.cumsum(self.chars[:ROWS_PER_CHUNK])
+            yield self.take(min(ROWS_PER_CHUNK, int(np.searchsorted(ends, CHUNK_CHARS)) + 1))
+
+    def take(self, count: int | None = None) -> pa.Table:
+        """The first ``count`` rows held (default: all) as a table."""
+        count = len(self.text) if count is None else count
+        split = np.concatenate(self.split) if self.split else np.zeros(0, bool)
         table = pa.table(
             {
                 "file_index": np.full(count, self.file_index, np.int32),
-                "doc_index": np.asarray(self.doc_index, np.int64),
-                "split": np.asarray(self.split, np.int8),
+                "doc_index": np.asarray(self.doc_index[:count], np.int64),
+                "split": np.where(split[:count], VAL, TRAIN).astype(np.int8),
                 "kind": np.full(count, KIND_DOCUMENT, np.int8),
-                "text": pa.array(self.text, pa.large_string()),
+                "text": pa.array(self.text[:count], pa.large_string()),
             },
             schema=DOCUMENT_SCHEMA,
         )
-        self.doc_index, self.split, self.text, self.chars = [], [], [], 0
+        self.split = [split[count:]]
+        del self.doc_index[:count], self.text[:count], self.chars[:count]
         return table
 
     def summary(self, info: dict[str, Any]) -> pa.Table:
@@ -143,15 +173,15 @@ def file_documents(
                 yield chunker.summary(info)
                 return
         stream = clean.StreamDecoder(read_blocks(uri, READ_BLOCK_BYTES), uri, bad_utf8)
-        if kind == "jsonl":
-            pieces: Any = clean.jsonl_line_texts(clean.split_lines(stream.texts()), uri, text_field)
-        else:
-            pieces = enumerate(clean.txt_documents(stream.texts(), txt_document))
         try:
-            for index, raw in pieces:
-                chunker.add(index, raw)
-                if chunker.full():
-                    yield chunker.take()
+            if kind == "jsonl":
+                for index, raw in clean.jsonl_line_texts(clean.split_lines(stream.texts()), uri, text_field):
+                    chunker.add(index, raw)
+                    yield from chunker.chunks()
+            else:
+                for raws in clean.txt_document_batches(stream.texts(), txt_document):
+                    chunker.extend(raws, normalized=True)
+                    yield from chunker.chunks()
         except clean.BinaryFileError:
             raise
         except DataError as error:
@@ -182,13 +212,9 @@ def _parquet_documents(chunker: _Chunker, uri: str, field: str, info: dict[str, 
         column_type = parquet.schema_arrow.field(field).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
             raise DataError(f"{uri}: column {field!r} has type {column_type}, expected a string column")
-        index = 0
         for batch in parquet.iter_batches(columns=[field], batch_size=ROWS_PER_CHUNK):
-            for value in batch.column(0).to_pylist():
-                chunker.add(index, value)
-                index += 1
-                if chunker.full():
-                    yield chunker.take()
+            chunker.extend(batch.column(0).to_pylist())
+            yield from chunker.chunks()
 
 
 def read_stage(batch: dict[str, np.ndarray], **settings: Any) -> Iterator[pa.Table]:

@@ -297,6 +297,39 @@ def test_finetune_examples_streamed_equal_those_of_the_whole_file(
             assert got == want, (data, bad_utf8)
 
 
+def test_documents_added_a_list_at_a_time_give_the_chunks_of_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a chunk ends with the document that reaches ROWS_PER_CHUNK rows or CHUNK_CHARS characters, and each
+    # document's split is is_validation of its identity, however the documents were handed in
+    monkeypatch.setattr(documents, "ROWS_PER_CHUNK", 7)
+    monkeypatch.setattr(documents, "CHUNK_CHARS", 60)
+    rng = random.Random(3)
+    for normalized in (True, False):
+        pool = ["", "  \n ", "\ufeff x ", " \ufeffy", "long " * 15, None]
+        pool += [] if normalized else [" a\r\nb \r", "\r\r"]
+        raws = [rng.choice([*pool, "word " * rng.randint(1, 5)]) for _ in range(500)]
+        want: list[list[tuple[int, int, str]]] = [[]]
+        for index, raw in enumerate(raws):
+            text = clean.normalize(raw) if raw else ""
+            if text:
+                split = documents.VAL if documents.is_validation(f"f.txt#{index}", 0.3) else documents.TRAIN
+                want[-1].append((index, split, text))
+                if len(want[-1]) >= 7 or sum(len(t) for _, _, t in want[-1]) >= 60:
+                    want.append([])
+        chunker = documents._Chunker(0, "f.txt", 0.3)
+        got = []
+        position = 0
+        while position < len(raws):
+            size = rng.randint(1, 40)
+            chunker.extend(raws[position : position + size], normalized=normalized)
+            got += list(chunker.chunks())
+            position += size
+        got.append(chunker.take())
+        columns = ("doc_index", "split", "text")
+        assert [list(zip(*(t.column(c).to_pylist() for c in columns), strict=True)) for t in got] == want
+        kept = sum(len(chunk) for chunk in want)
+        assert (chunker.documents, chunker.skipped) == (kept, len(raws) - kept)
+
+
 def test_a_block_encoded_in_slices_equals_it_encoded_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     texts = [f"document {i}: " + "caf\u00e9 \U0001f600 " * (i % 7) for i in range(300)]
     texts[40] += " a literal <|endoftext|> stays text"
