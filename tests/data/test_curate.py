@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data import build
 from pipeline.data.build import tokenize_corpus
-from pipeline.data.curate import _bucket_links, _later_in_components
+from pipeline.data.curate import _bucket_links, _later_in_components, _shard_links, band_buckets
 from pipeline.data.reader import SequenceStore, load_manifest
 from pipeline.layout import RunLayout
 from pipeline.model.tokenizer import get_tokenizer
@@ -107,12 +107,14 @@ def test_blocks_of_exact_duplicates_only_do_not_break_the_near_search(
     tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a corpus copied several times, one block per file: the blocks of the copies hold exact duplicates only, so
-    # after they are left out of the near-duplicate search they have no rows at all
+    # after they are left out of the near-duplicate search they have no rows at all; and a blank file's block has
+    # no document to begin with
     monkeypatch.setattr(build, "MIN_GROUP_BYTES", 1)
     text = "\n\n".join(" ".join(words(200 + i)) for i in range(20)) + "\n"
     for copy in range(4):
         (tmp_path / "corpus" / f"copy{copy}").mkdir(parents=True)
         (tmp_path / "corpus" / f"copy{copy}" / "book.txt").write_text(text)
+    (tmp_path / "corpus" / "copy1" / "blank.txt").write_text(" \n\n")  # a block with no document at all
     settings = [f"data.inputs=[{tmp_path / 'corpus'}]", "data.context_length=16", "data.val_fraction=0"]
     settings += ["data.dedup.exact=true", "data.dedup.near=true", "data.num_tokenizers=2"]
     config = load_config(None, [*settings, f"run.dir={tmp_path / 'run'}"])
@@ -154,3 +156,40 @@ def test_links_join_what_a_chain_of_similar_documents_joins() -> None:
     # across buckets: links 1-5 (one band) and 5-12 (another) make one group whose first is 1
     assert _later_in_components(np.array([1, 5, 30]), np.array([5, 12, 31])).tolist() == [5, 12, 31]
     assert _later_in_components(np.empty(0, np.int64), np.empty(0, np.int64)).tolist() == []
+
+
+def test_band_buckets_agree_exactly_where_a_band_agrees() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 2**32, 128, dtype=np.uint32)
+    b = a.copy()
+    b[3] += 1  # band 0 differs, bands 1..15 agree
+    same_slots_other_band = np.roll(a, 8)  # band 1 of this one holds band 0's slots of a
+    buckets = band_buckets(np.stack([a, b, same_slots_other_band]), 16)
+    assert buckets.shape == (3, 16) and buckets.dtype == np.int64
+    assert buckets[0, 0] != buckets[1, 0] and (buckets[0, 1:] == buckets[1, 1:]).all()
+    assert buckets[2, 1] != buckets[0, 0]  # a band's index is part of its bucket
+    assert len(np.unique(buckets[0])) == 16
+
+
+def test_a_shard_of_buckets_links_as_its_buckets_do_one_by_one() -> None:
+    rng = np.random.default_rng(5)
+    base = [rng.integers(0, 2**32, 128, dtype=np.uint32) for _ in range(4)]
+    keys, buckets, signatures = [], [], []
+    for key in range(40):
+        signature = base[key % 4].copy()
+        signature[: key % 3 * 15] += 1  # agreement 1.0, 0.88 or 0.77 with the base
+        keys.append(key)
+        buckets.append(key % 4 if key % 5 else 100 + key)  # some buckets of one document
+        signatures.append(signature)
+    shard = _bucket(keys, signatures).append_column("bucket", pa.array(buckets, pa.int64()))
+    order = rng.permutation(len(keys))
+    got = _shard_links(shard.take(pa.array(order)), 0.8)
+    want = [_bucket_links(shard.filter(pa.array(np.asarray(buckets) == b)), 0.8) for b in sorted(set(buckets))]
+
+    def pairs(tables: list[pa.Table]) -> list[tuple[int, int]]:
+        return sorted(
+            (f, o) for t in tables for f, o in zip(t["first"].to_pylist(), t["other"].to_pylist(), strict=True)
+        )
+
+    assert pairs([got]) == pairs(want) and len(pairs(want)) > 0
+    assert _shard_links(shard.slice(0, 0), 0.8).num_rows == 0
