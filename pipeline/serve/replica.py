@@ -1,19 +1,23 @@
 """The ``Generator`` deployment: one export, one continuous-batching :class:`~pipeline.inference.engine.Engine`.
 
-A background loop steps the engine while it has work; new sequences join the running batch at the next step and
-finished ones leave it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream,
-first a :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` an empty list when
-the request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
-merged output). An engine failure fails the sequences in flight and the loop goes on. After every step the engine's
-figures go to Ray's metrics (:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives
-them to the ingress's ``/metrics``; :meth:`Generator.record_autoscaling_stats` gives the queue to Serve's autoscaler.
+A loop on a thread of its own steps the engine while it has work, handing each step's output to the replica's
+event loop without waiting for it; new sequences join the running batch at the next step and finished ones leave
+it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream, first a
+:class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` an empty list when the
+request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
+merged output). An engine failure fails the sequences in flight and the loop goes on. Every GAUGE_INTERVAL_S while
+it steps, and when it goes idle, the engine's figures go to Ray's metrics
+(:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives them to the ingress's
+``/metrics``; :meth:`Generator.record_autoscaling_stats` gives the queue to Serve's autoscaler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,9 @@ class ReplicaInfo:
 
     replica: str
     export_sha256: str
+
+
+GAUGE_INTERVAL_S = 0.5  # the engine's gauges go to Ray's metrics this often while it steps (and when it idles)
 
 
 class EngineFailure(RuntimeError):
@@ -74,41 +81,47 @@ class Generator:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raygpt-engine")
         self._queues: dict[int, asyncio.Queue[Delta | EngineFailure]] = {}
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._work = threading.Event()
+        self._loop_future: Future[None] | None = None
         self._gauges = EngineGauges()
         self._gauges.record(self.engine_stats())
 
-    def _ensure_loop(self) -> asyncio.Event:
-        if self._wake is None or self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return self._wake
+    def _ensure_loop(self) -> None:
+        """Start the generation loop (on the engine's thread) unless it runs; wake it."""
+        if self._loop_future is None or self._loop_future.done():
+            self._loop_future = self._executor.submit(self._run, asyncio.get_running_loop())
+        self._work.set()
 
-    async def _run(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Step the engine while it has work, on this thread, handing each step's deltas to the event loop without
+        waiting for it: the next step starts at once, however busy the loop is with requests and responses."""
+        recorded = 0.0
         while True:
+            self._work.clear()
             if not self.engine.has_work():
-                self._wake.clear()
-                await self._wake.wait()
+                self._gauges.record(self.engine_stats())
+                self._work.wait()
                 if self.batch_wait_timeout_s > 0:
-                    await asyncio.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals share the prefill
+                    time.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals share the prefill
+                continue
             try:
-                deltas = await loop.run_in_executor(self._executor, self.engine.step)
+                deltas = self.engine.step()
             except Exception as exc:  # fail the requests in flight, keep serving
                 failure = EngineFailure(f"{type(exc).__name__}: {exc}")
-                for seq_id in self.engine.reset():
-                    queue = self._queues.get(seq_id)
-                    if queue is not None:
-                        queue.put_nowait(failure)
-                self._gauges.record(self.engine_stats())
+                loop.call_soon_threadsafe(self._deliver, [(seq_id, failure) for seq_id in self.engine.reset()])
                 continue
-            self._gauges.record(self.engine_stats())
-            for delta in deltas:
-                queue = self._queues.get(delta.seq_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
+            loop.call_soon_threadsafe(self._deliver, [(delta.seq_id, delta) for delta in deltas])
+            now = time.monotonic()
+            if now - recorded >= GAUGE_INTERVAL_S:
+                self._gauges.record(self.engine_stats())
+                recorded = now
+
+    def _deliver(self, items: list[tuple[int, Delta | EngineFailure]]) -> None:
+        """On the event loop: each delta (or failure) to the queue of the request its sequence belongs to."""
+        for seq_id, item in items:
+            queue = self._queues.get(seq_id)
+            if queue is not None:
+                queue.put_nowait(item)
 
     def stats(self) -> dict[str, Any]:
         """Sequences running and waiting in this replica's engine, and requests attached to it."""
@@ -127,8 +140,8 @@ class Generator:
         return {WAITING: float(self.engine.num_waiting), RUNNING: float(self.engine.num_running)}
 
     def check_health(self) -> None:
-        if self._task is not None and self._task.done() and not self._task.cancelled():
-            raise RuntimeError(f"the generation loop died: {self._task.exception()!r}")
+        if self._loop_future is not None and self._loop_future.done():
+            raise RuntimeError(f"the generation loop died: {self._loop_future.exception()!r}")
 
     async def generate(
         self, sequences: list[SequenceRequest], stream: bool = True
@@ -137,7 +150,6 @@ class Generator:
         without ``stream`` an empty list at the request's first generated token and one list of merged deltas at
         the end (far less per-token overhead)."""
         yield ReplicaInfo(self.replica, self.info.weights_sha256)
-        wake = self._ensure_loop()
         queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         index: dict[int, int] = {}
         try:
@@ -145,7 +157,7 @@ class Generator:
                 seq_id = self.engine.add(seq.prompt_ids, seq.params, seq.prompt_text)
                 index[seq_id] = i
                 self._queues[seq_id] = queue
-            wake.set()
+            self._ensure_loop()
             remaining = len(index)
             merged = [Delta(seq_id) for seq_id in index]
             first_token_sent = stream
