@@ -17,7 +17,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,20 +78,30 @@ class Generator:
         )
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raygpt-engine")
         self._queues: dict[int, asyncio.Queue[Delta | EngineFailure]] = {}
         self._work = threading.Event()
-        self._loop_future: Future[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop_error: BaseException | None = None
         self._gauges = EngineGauges()
         self._gauges.record(self.engine_stats())
 
     def _ensure_loop(self) -> None:
-        """Start the generation loop (on the engine's thread) unless it runs; wake it."""
-        if self._loop_future is None or self._loop_future.done():
-            self._loop_future = self._executor.submit(self._run, asyncio.get_running_loop())
+        """Start the generation loop (a daemon thread: it never holds the process's exit) unless it runs; wake it."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, args=(asyncio.get_running_loop(),), name="raygpt-engine", daemon=True
+            )
+            self._thread.start()
         self._work.set()
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self._step_while_there_is_work(loop)
+        except BaseException as exc:  # check_health reports it, and Serve replaces the replica
+            self._loop_error = exc
+            raise
+
+    def _step_while_there_is_work(self, loop: asyncio.AbstractEventLoop) -> None:
         """Step the engine while it has work, on this thread, handing each step's deltas to the event loop without
         waiting for it: the next step starts at once, however busy the loop is with requests and responses."""
         recorded = 0.0
@@ -140,8 +149,8 @@ class Generator:
         return {WAITING: float(self.engine.num_waiting), RUNNING: float(self.engine.num_running)}
 
     def check_health(self) -> None:
-        if self._loop_future is not None and self._loop_future.done():
-            raise RuntimeError(f"the generation loop died: {self._loop_future.exception()!r}")
+        if self._loop_error is not None:
+            raise RuntimeError(f"the generation loop died: {self._loop_error!r}")
 
     async def generate(
         self, sequences: list[SequenceRequest], stream: bool = True
