@@ -13,8 +13,8 @@ replica gave, with their age in ``raygpt_engine_stats_age_seconds``.
 The ingress keeps its figures in its own :class:`~prometheus_client.CollectorRegistry`, never the process-wide
 default one, so apps built in one process do not share or collide. Every figure is also recorded through
 ``ray.serve.metrics`` (the ingress's counters and histograms in the ingress, the engine gauges in each Generator
-after every engine step), which Ray's metrics agent exports with the ``ray_`` prefix and Serve's
-deployment/replica/application tags.
+every 0.5 s while its engine steps and when it goes idle), which Ray's metrics agent exports with the ``ray_``
+prefix and Serve's deployment/replica/application tags.
 """
 
 from __future__ import annotations
