@@ -5,15 +5,17 @@ event loop without waiting for it; new sequences join the running batch at the n
 it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream, first a
 :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` an empty list when the
 request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
-merged output). An engine failure fails the sequences in flight and the loop goes on. Every GAUGE_INTERVAL_S while
-it steps, and when it goes idle, the engine's figures go to Ray's metrics
-(:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives them to the ingress's
-``/metrics``; :meth:`Generator.record_autoscaling_stats` gives the queue to Serve's autoscaler.
+merged output). An engine failure fails the sequences in flight and the loop goes on; should the loop itself
+die, every attached request fails at once, later ones fail fast, and the health check reports it so Serve
+replaces the replica. Every GAUGE_INTERVAL_S while it steps, and when it goes idle, the engine's figures go to
+Ray's metrics (:class:`~pipeline.serve.metrics.EngineGauges`); :meth:`Generator.engine_stats` gives them to the
+ingress's ``/metrics``; :meth:`Generator.record_autoscaling_stats` gives the queue to Serve's autoscaler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -99,6 +101,9 @@ class Generator:
             self._step_while_there_is_work(loop)
         except BaseException as exc:  # check_health reports it, and Serve replaces the replica
             self._loop_error = exc
+            failure = EngineFailure(f"the generation loop died: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(RuntimeError):  # a closed event loop has no request left to tell
+                loop.call_soon_threadsafe(self._fail_attached, failure)
             raise
 
     def _step_while_there_is_work(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -132,6 +137,11 @@ class Generator:
             if queue is not None:
                 queue.put_nowait(item)
 
+    def _fail_attached(self, failure: EngineFailure) -> None:
+        """On the event loop: end every attached request with ``failure`` (nothing steps their sequences now)."""
+        for queue in {id(q): q for q in self._queues.values()}.values():
+            queue.put_nowait(failure)
+
     def stats(self) -> dict[str, Any]:
         """Sequences running and waiting in this replica's engine, and requests attached to it."""
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "attached": len(self._queues)}
@@ -158,6 +168,8 @@ class Generator:
         """Yields a :class:`ReplicaInfo`, then ``(sequence index, delta)`` lists until every sequence finished;
         without ``stream`` an empty list at the request's first generated token and one list of merged deltas at
         the end (far less per-token overhead)."""
+        if self._loop_error is not None:  # until Serve replaces this replica, fail fast rather than hang
+            raise EngineFailure(f"the generation loop died: {self._loop_error!r}")
         yield ReplicaInfo(self.replica, self.info.weights_sha256)
         queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         index: dict[int, int] = {}

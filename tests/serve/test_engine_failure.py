@@ -1,8 +1,10 @@
 """An exception inside a replica's engine fails every request it was running at once, with a 503 in OpenAI's shape
-(an error event on a stream), and the same replica serves the next request."""
+(an error event on a stream), and the same replica serves the next request; should the generation loop itself die,
+its requests fail the same way and Serve replaces the replica."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,46 @@ def test_an_engine_exception_fails_its_requests_fast_and_the_replica_goes_on(
         assert [r._actor_id for r in _generator_replicas()] == [replica._actor_id]  # not a replacement
         stats = serve.get_deployment_handle("Generator", APP_NAME).stats
         assert stats.remote().result() == {"running": 0, "waiting": 0, "attached": 0}
+
+
+def _kill_loop(replica: Any) -> None:
+    """Inside the replica's process: the generation loop's own code (not a model step) raises the next time it
+    wakes, so the loop thread ends with requests attached."""
+
+    def arm(actor: Any) -> None:
+        engine = actor._replica_impl._user_callable_wrapper.user_callable.engine
+
+        def failing_has_work() -> bool:
+            raise RuntimeError("injected loop failure")
+
+        engine.has_work = failing_has_work
+
+    ray.get(replica.__ray_call__.remote(arm))
+
+
+def test_a_dead_generation_loop_fails_its_requests_and_serve_replaces_the_replica(
+    tmp_path: Path, serve_port: int, exports: dict[str, str]
+) -> None:
+    with deployed(tmp_path, serve_port, exports["a"], max_batch_size=4) as url:
+        (replica,) = _generator_replicas()
+        body = {"prompt": "ROMEO:", "max_tokens": 40, "temperature": 0}
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        _kill_loop(replica)
+
+        with ThreadPoolExecutor(3) as pool:  # would wait for the 60 s timeout if nobody told them
+            results = list(pool.map(lambda _: requests.post(f"{url}/v1/completions", json=body, timeout=60), range(3)))
+        for r in results:
+            expect_error(r, 503, "engine_failure")
+
+        # The health check reports the dead loop; Serve starts a replacement, which serves.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            current = _generator_replicas()
+            if current and current[0]._actor_id != replica._actor_id:
+                r = requests.post(f"{url}/v1/completions", json=body, timeout=30)
+                if r.status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError("Serve did not replace the replica whose generation loop died")
+        assert r.json()["choices"][0]["text"]
