@@ -197,7 +197,7 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     loss_chunk_rows: int | None = Field(
-        256,
+        128,
         ge=1,
         description="Positions per chunk of the fused LM-head cross-entropy (full logits never held); "
         "empty: one full logits tensor and F.cross_entropy.",

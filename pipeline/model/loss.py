@@ -49,7 +49,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             safe = torch.where(keep, targets[start : start + chunk_rows], 0)[:, None]
             logits = buffer[: h.size(0)]
             for block in blocks:  # an output tile the cache holds: the (rows x vocab) product at once is ~2x slower
-                logits[:, block].copy_(h @ weight[block].t())
+                if weight.dtype == torch.float32:  # straight into the buffer's columns, no temporary
+                    torch.mm(h, weight[block].t(), out=logits[:, block])
+                else:  # low-precision products, widened to fp32
+                    logits[:, block].copy_(h @ weight[block].t())
             peak = logits.amax(dim=1, keepdim=True)
             picked = logits.gather(1, safe)
             exp = logits.sub_(peak).exp_()  # in the logits' memory from here on
@@ -85,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 128
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (``-100`` ignored), in fp32.
 

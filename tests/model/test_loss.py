@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.model.loss import linear_cross_entropy
+from pipeline.model.loss import VOCAB_BLOCK, linear_cross_entropy
 
 VOCAB, D = 1000, 24
 
@@ -34,6 +34,31 @@ def test_loss_and_gradients_equal_cross_entropy_on_the_full_logits(chunk_rows: i
     got = _grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows), hidden, weight, targets)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_vocabulary_of_several_tiles_gives_the_same_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    vocab = 2 * VOCAB_BLOCK + 123  # two full tiles of logits columns and a partial one
+    hidden, weight = torch.randn(40, D), torch.randn(vocab, D) * 0.5
+    targets = torch.randint(0, vocab, (40,))
+    targets[[0, 39]] = -100
+    expected = _grads(_reference, hidden, weight, targets)
+    got = _grads(lambda h, w, t: linear_cross_entropy(h, w, t, 16), hidden, weight, targets)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_inputs_give_fp32_losses_close_to_cross_entropy_in_fp32() -> None:
+    torch.manual_seed(0)
+    vocab = VOCAB_BLOCK + 500
+    hidden, weight = torch.randn(24, D).bfloat16(), (torch.randn(vocab, D) * 0.5).bfloat16()
+    targets = torch.randint(0, vocab, (24,))
+    ref = _grads(_reference, hidden.float(), weight.float(), targets)
+    loss, grad_h, grad_w = _grads(lambda h, w, t: linear_cross_entropy(h, w, t, 8), hidden, weight, targets)
+    assert loss.dtype == torch.float32 and grad_h.dtype == grad_w.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_h.float(), ref[1], rtol=5e-2, atol=1e-3)
+    torch.testing.assert_close(grad_w.float(), ref[2], rtol=5e-2, atol=1e-3)
 
 
 def test_no_counted_target_gives_nan_loss_and_zero_gradients_like_cross_entropy() -> None:
