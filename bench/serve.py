@@ -291,7 +291,9 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x conc))")
+    parser.add_argument(
+        "--requests", type=int, default=160, help="requests per level (160: seconds of steady state at c=32)"
+    )
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--skip", nargs="*", default=[], help="systems to skip (hf-sequential, serve-2, ...)")
     parser.add_argument("--quick", action="store_true", help="few requests, concurrency 1 and 8")
@@ -310,7 +312,7 @@ def main() -> int:
     threads = max(1, int(args.cpus_per_replica))
 
     load_start = os.getloadavg()[0]  # other work on the machine skews every number: reported with them
-    levels = {c: (args.requests or max(8, 2 * c)) for c in args.concurrency}
+    levels = {c: args.requests for c in args.concurrency}
     prompts = make_prompts(max(levels.values()), 8, min(32, prompt_budget))
     results: dict[str, dict[int, dict[str, float]]] = {}
 

@@ -303,6 +303,12 @@ class ServeSection(Section):
     metrics_public: bool = Field(
         False, description="Serve /metrics without the API key (for a Prometheus scraper inside the cluster)."
     )
+    replica_grpc: bool = Field(
+        True,
+        description="The ingress streams from model replicas over Serve's gRPC (a free port on each replica's node) "
+        "instead of Ray actor calls (faster, streamed answers most); false where nodes reach each other only on "
+        "Ray's ports.",
+    )
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
     )

@@ -115,6 +115,7 @@ def build_app(config: Any, export: str | None = None) -> Any:
         tokenizer=info.tokenizer.get("name", "r50k_base"),
         tokenizer_file=config.data.tokenizer_file,
         metrics_public=s.metrics_public,
+        replica_grpc=s.replica_grpc,
     )
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0},

@@ -68,6 +68,7 @@ class ServingSettings:
     tokenizer: str
     tokenizer_file: str | None
     metrics_public: bool = False
+    replica_grpc: bool = True
 
 
 class OpenAIServing:
@@ -170,7 +171,9 @@ class OpenAIServing:
         """Send the sequences; returns the response stream and its first item. Queue full -> 503."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        stream = self.generator.options(stream=True).generate.remote(sequences, streaming)
+        # by value (serve.replica_grpc): Serve's gRPC channel straight to the replica carries request and stream
+        handle = self.generator.options(stream=True, _by_reference=not self.settings.replica_grpc)
+        stream = handle.generate.remote(sequences, streaming)
         try:
             info = await asyncio.wait_for(stream.__anext__(), timeout=self.request_timeout_s)
         except BackPressureError as exc:

@@ -182,10 +182,13 @@ def test_context_length_unknown_model_and_route(url: str) -> None:
 # ------------------------------------------------------------------------- two replicas, API key
 
 
-def test_two_replicas_with_api_key(tmp_path: Path, serve_port: int, exports: dict[str, str]) -> None:
-    app = deployed(
-        tmp_path, serve_port, exports["a"], num_replicas=2, max_ongoing_requests=1, max_batch_size=1, api_key="s3cret"
-    )
+def test_two_replicas_with_api_key_over_ray_actor_calls(
+    tmp_path: Path, serve_port: int, exports: dict[str, str]
+) -> None:
+    """serve.replica_grpc false: the ingress reaches the replicas by Ray actor calls (every other test here goes
+    over Serve's gRPC), routes across both and streams their answers back the same way."""
+    settings = {"num_replicas": 2, "max_ongoing_requests": 1, "max_batch_size": 1, "api_key": "s3cret"}
+    app = deployed(tmp_path, serve_port, exports["a"], replica_grpc=False, **settings)
     with app as url:
         expect_error(requests.get(f"{url}/v1/models", timeout=10), 401, "invalid_api_key")
         bad = requests.post(f"{url}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer no"})
@@ -203,6 +206,10 @@ def test_two_replicas_with_api_key(tmp_path: Path, serve_port: int, exports: dic
             results = list(pool.map(call, range(6)))
         assert [status for status, *_ in results] == [200] * 6
         assert len({replica for _, replica, *_ in results}) == 2
+        with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, headers=auth, stream=True) as r:
+            streamed = "".join(e["choices"][0]["text"] for e in sse_events(r))
+        whole = requests.post(f"{url}/v1/completions", json=body, headers=auth, timeout=60).json()
+        assert streamed == whole["choices"][0]["text"]
 
 
 # ------------------------------------------------------------------------- autoscaling, backpressure
