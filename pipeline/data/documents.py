@@ -53,19 +53,20 @@ DOCUMENT_SCHEMA = pa.schema(
 
 
 def is_validation(identity: str, val_fraction: float) -> bool:
-    """Whether the document with this identity belongs to the validation split (stable across runs and hosts)."""
-    if val_fraction <= 0:
-        return False
-    digest = hashlib.sha256(identity.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+    """Whether the document with this identity belongs to the validation split (stable across runs and hosts): the
+    first 8 bytes of its SHA-256, as a big-endian integer over 2**64, fall below ``val_fraction``."""
+    return bool(_validation([identity], val_fraction)[0])
 
 
 def validation_mask(prefix: str, indices: list[int], val_fraction: float) -> np.ndarray:
-    """:func:`is_validation` of ``f"{prefix}{index}"`` for each index, as a bool array (the same comparison: the
-    first 8 digest bytes as a big-endian integer, converted to float, over 2**64)."""
-    if val_fraction <= 0 or not indices:
-        return np.zeros(len(indices), bool)
-    digests = b"".join([hashlib.sha256(f"{prefix}{index}".encode()).digest()[:8] for index in indices])
+    """:func:`is_validation` of ``f"{prefix}{index}"`` for each index, as a bool array."""
+    return _validation([f"{prefix}{index}" for index in indices], val_fraction)
+
+
+def _validation(identities: list[str], val_fraction: float) -> np.ndarray:
+    if val_fraction <= 0 or not identities:
+        return np.zeros(len(identities), bool)
+    digests = b"".join([hashlib.sha256(identity.encode("utf-8")).digest()[:8] for identity in identities])
     return np.frombuffer(digests, ">u8") / 2.0**64 < val_fraction
 
 
