@@ -13,6 +13,7 @@ handed to it: :class:`Scorer` on an export here, the training engine's ranks in 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models: its registry loads them only while it is empty)
@@ -203,6 +204,9 @@ class RaygptLM(TokenScoringLM):
         else:
             import ray
 
+            # this process is a Ray driver from here on; a child forked from it can start with one of Ray's
+            # locks held and hang, so lm-eval's bootstrap errors run in-process (same resamples, same numbers)
+            os.environ["DISABLE_MULTIPROC"] = "1"
             actor = ray.remote(num_cpus=float(num_cpus))(Scorer)
             scorers = [actor.remote(export, tokenizer_file, size) for _ in range(workers)]
         super().__init__(tokenizer, info.model.context_length, scorers, workers > 1, max_length, max_gen_toks)

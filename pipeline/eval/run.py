@@ -9,11 +9,13 @@ score against the number of in-context examples (GPT-3's Figure 1.2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,8 @@ def evaluate(config: PipelineConfig, export: str | None = None, endpoint: str | 
         # one model for every number of shots: the export is loaded (and its actors started) once
         lm = lm_eval.api.registry.get_model(model).create_from_arg_string(model_args, {"batch_size": e.batch_size})
         try:
-            scores = _score_shots(config, lm, tasks, manager, layout)
+            with _bootstrap_in_process():
+                scores = _score_shots(config, lm, tasks, manager, layout)
         finally:
             if hasattr(lm, "close"):
                 lm.close()
@@ -121,6 +124,25 @@ def evaluate(config: PipelineConfig, export: str | None = None, endpoint: str | 
     summary["results"] = storage.join(layout.eval_dir, "results.json")
     storage.write_bytes(summary["results"], (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+@contextlib.contextmanager
+def _bootstrap_in_process() -> Iterator[None]:
+    """lm-eval's bootstrap standard errors run in this process instead of a forked ``multiprocessing`` pool.
+
+    This process runs Ray's and gRPC's threads (a Ray driver, an HTTP client pool); a child forked from it can
+    start with one of their locks held and never exit, and lm-eval then waits on it forever. The in-process
+    loop draws the same resamples (one seeded RNG per chunk of 1,000), so the errors are the same numbers.
+    """
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"  # the switch lm-eval's bootstrap_stderr reads
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
 
 
 def _score_shots(

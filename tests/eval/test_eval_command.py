@@ -5,6 +5,7 @@ clear errors."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -13,13 +14,20 @@ import pytest
 from pipeline.cli import main
 from pipeline.eval.tasks import TASKS
 
+FORKS: list[int] = []  # pids that forked a child (os.fork, multiprocessing's fork start): exec-only spawns excluded
+os.register_at_fork(before=lambda: FORKS.append(os.getpid()))
+
 
 def test_raygpt_eval_writes_scores_per_shot_and_the_figure(
     tmp_path: Path, exports: dict[str, str], ray_session: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The driver forks nothing while it scores: it is a Ray driver, and a child forked from it can hang on a lock
+    one of Ray's threads held (lm-eval's bootstrap pool did, waiting on such a child forever)."""
     run_dir = tmp_path / "run"
     args = ["eval", "--export", exports["a"], "--shots", "0,2", "--limit", "6"]
+    forks = len(FORKS)
     assert main([*args, "--set", f"run.dir={run_dir}", "--set", "eval.num_workers=2"]) == 0
+    assert FORKS[forks:] == []
     out = capsys.readouterr().out
     assert "raygpt eval: 0/2-shot:" in out and "raygpt_speaker acc" in out
     results = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -33,6 +41,7 @@ def test_raygpt_eval_writes_scores_per_shot_and_the_figure(
     raw = json.loads((run_dir / "eval" / "lm_eval_2shot.json").read_text())
     assert raw["results"]["raygpt_speaker"]["alias"] == "raygpt_speaker"
     assert raw["configs"]["raygpt_speaker"]["num_fewshot"] == 2
+    assert isinstance(raw["results"]["raygpt_lambada"]["perplexity_stderr,none"], float)  # bootstrapped in-process
     assert (run_dir / "eval" / "shots.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -36,6 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NANO = PRESETS["nano"].model
 LIMIT = 24  # items per task
+# no bootstrap standard errors: agreement is checked item by item, and lm-eval computes them in a pool forked from
+# this process, a Ray driver, whose children can hang on a lock one of Ray's threads held
+NO_BOOTSTRAP = 0
 
 
 def eot_leaning_model() -> GPT:
@@ -78,6 +81,7 @@ def test_lm_eval_agrees_through_the_endpoint_and_on_the_hf_export(tmp_path: Path
         batch_size=8,
         device="cpu",
         log_samples=True,
+        bootstrap_iters=NO_BOOTSTRAP,
     )
     with deployed(tmp_path, serve_port, str(export)) as url:
         api = lm_eval.simple_evaluate(
@@ -87,6 +91,7 @@ def test_lm_eval_agrees_through_the_endpoint_and_on_the_hf_export(tmp_path: Path
             task_manager=task_manager,
             limit=LIMIT,
             log_samples=True,
+            bootstrap_iters=NO_BOOTSTRAP,
         )
     import pipeline.eval.lm  # noqa: F401  (registers the raygpt model with lm-eval)
 
@@ -97,6 +102,7 @@ def test_lm_eval_agrees_through_the_endpoint_and_on_the_hf_export(tmp_path: Path
         task_manager=task_manager,
         limit=LIMIT,
         log_samples=True,
+        bootstrap_iters=NO_BOOTSTRAP,
     )
     assert hf is not None and api is not None and direct is not None
 
