@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
+from result_line import print_result  # this script's folder is first on sys.path
 
 from pipeline.config import load_config
 from pipeline.data.build import tokenize_corpus
@@ -45,7 +45,7 @@ def main(root: Path) -> None:
         tokenize_corpus(config)
         summary = pretrain(config)
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
-        print("RESULT " + json.dumps({"node_ids": summary["node_ids"], "steps": summary["steps"], "nodes": nodes}))
+        print_result({"node_ids": summary["node_ids"], "steps": summary["steps"], "nodes": nodes})
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -20,6 +20,7 @@ import ray
 import requests
 from ray import serve
 from ray_state import live_actors, wait_until  # this script's folder is first on sys.path
+from result_line import print_result
 
 from pipeline import storage
 from pipeline.config import load_config
@@ -122,4 +123,4 @@ def main(prefix: str, port: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1], int(sys.argv[2]))), flush=True)
+    print_result(main(sys.argv[1], int(sys.argv[2])))

@@ -16,6 +16,7 @@ import yaml
 from helpers import REPO
 from helpers.autoscaling import FAKE_HEAD_TYPE, alive_nodes, autoscaling_head, fake_cluster_config
 from helpers.cluster import tagged_pids, wait_for_job
+from helpers.result_line import read_result
 
 
 def test_fake_config_keeps_cluster_yaml_node_types_and_validates() -> None:
@@ -63,9 +64,8 @@ def test_autoscaler_adds_workers_for_a_job_and_removes_them_when_idle(autoscaler
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         status, output = wait_for_job(head, submission_id, 300)
         assert status == "SUCCEEDED", f"job ended {status}:\n{output[-5000:]}\n{head.log()}"
-        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        assert lines, output[-3000:]
-        result = json.loads(lines[-1].removeprefix("RESULT "))
+        result = read_result(output)
+        assert result, output[-3000:]
         assert len(result["start_nodes"]) == 1
         assert len(set(result["member_nodes"])) == members  # one actor per node: 2 nodes were added
         assert len(result["alive_nodes"]) >= members

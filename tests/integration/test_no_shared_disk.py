@@ -10,7 +10,6 @@ visible to both, as an installed package is on every node of a real cluster.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 from helpers import REPO
 from helpers.cluster import LocalHead, free_ports
+from helpers.result_line import read_result
 
 from pipeline import storage
 
@@ -72,9 +72,8 @@ def test_pretrain_resume_and_serve_on_nodes_that_share_no_disk(s3: str, tmp_path
             )
         finally:
             node.terminate()
-    lines = [line for line in driver.stdout.splitlines() if line.startswith("RESULT ")]
-    assert driver.returncode == 0 and lines, driver.stdout[-4000:] + driver.stderr[-8000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result = read_result(driver.stdout)
+    assert driver.returncode == 0 and result, driver.stdout[-4000:] + driver.stderr[-8000:]
     print(f"\nno shared disk: {result}")
     assert result["error"] is None and result["steps"] == 6
     assert result["train_nodes"] == result["nodes"]  # one rank on each node

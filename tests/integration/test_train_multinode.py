@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers.result_line import read_result
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
@@ -18,9 +19,8 @@ def test_two_workers_on_two_nodes(tmp_path: Path) -> None:
         text=True,
         timeout=900,
     )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    outcome = json.loads(lines[-1].removeprefix("RESULT "))
+    outcome = read_result(result.stdout)
+    assert result.returncode == 0 and outcome, result.stdout[-3000:] + result.stderr[-3000:]
     assert outcome["steps"] == 2
     assert len(outcome["nodes"]) == 2
     assert sorted(set(outcome["node_ids"])) == outcome["nodes"]  # one rank on each node
