@@ -55,8 +55,11 @@ def test_deepspeed_config_is_zero3_gpt3_adamw() -> None:
     schedule = config["scheduler"]["params"]
     assert config["scheduler"]["type"] == "WarmupCosineLR" and schedule["warmup_type"] == "linear"
     assert schedule["cos_min_ratio"] == 0.1 and schedule["total_num_steps"] == 100
+    # on gloo no parameter stays whole: none is all-gathered on its own after each step
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     gpu = deepspeed_config(_plan(use_gpu=True))
     assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
+    assert "stage3_param_persistence_threshold" not in gpu["zero_optimization"]  # DeepSpeed's default on NCCL
 
 
 def test_plan_round_trips_through_json() -> None:
