@@ -187,6 +187,8 @@ class OpenAIServing:
             raise APIError(504, "Timed out waiting for a model replica.", "timeout", code="timeout") from None
         except RayActorError as exc:
             raise replica_failed(exc) from None
+        except EngineFailure:  # a replica whose generation loop died refuses at once, until Serve replaces it
+            raise engine_failed() from None
         return stream, info
 
     @staticmethod

@@ -103,6 +103,10 @@ def test_a_dead_generation_loop_fails_its_requests_and_serve_replaces_the_replic
             results = list(pool.map(lambda _: requests.post(f"{url}/v1/completions", json=body, timeout=60), range(3)))
         for r in results:
             expect_error(r, 503, "engine_failure")
+        # a request that comes after the loop died fails fast the same way, plain and streamed
+        expect_error(requests.post(f"{url}/v1/completions", json=body, timeout=60), 503, "engine_failure")
+        with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
+            expect_error(r, 503, "engine_failure")
 
         # The health check reports the dead loop; Serve starts a replacement, which serves.
         deadline = time.monotonic() + 90
