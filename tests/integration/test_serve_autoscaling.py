@@ -24,6 +24,7 @@ from typing import Any
 import requests
 from helpers.autoscaling import autoscaling_head
 from helpers.cluster import LocalHead, free_ports, tagged_pids
+from helpers.result_line import read_result
 
 from pipeline.serve.autoscale import POLICY_PATH
 
@@ -43,7 +44,7 @@ config = load_config(overrides=json.loads({overrides!r}))
 connect(config.run)
 # One HTTP proxy, on the head: every node of this cluster is 127.0.0.1, where only one proxy can hold the port.
 serve.start(proxy_location="HeadOnly", http_options=http_options(config))
-print("URL " + deploy(config, {export!r}), flush=True)
+print("RESULT " + json.dumps({{"url": deploy(config, {export!r})}}), flush=True)  # read by read_result
 """
 
 
@@ -190,8 +191,8 @@ def test_generator_scales_out_onto_an_added_node_under_load_and_back_when_idle(
         figures["head_up_s"] = round(time.monotonic() - began, 1)
         deployed = head.python(DEPLOY.format(overrides=json.dumps(overrides), export=exports["a"]), timeout_s=240)
         figures["deployed_s"] = round(time.monotonic() - began, 1)
-        urls = [line.removeprefix("URL ") for line in deployed.stdout.splitlines() if line.startswith("URL ")]
-        assert deployed.returncode == 0 and urls, deployed.stdout[-3000:] + deployed.stderr[-6000:] + head.log()
+        result = read_result(deployed.stdout)  # Ray's log lines can share its line
+        assert deployed.returncode == 0 and result, deployed.stdout[-3000:] + deployed.stderr[-6000:] + head.log()
         monitor = Monitor(head)
         first = monitor.wait(lambda s: len(s["running"]) == 1, 60, "the first replica")
         assert len(first["nodes"]) == 1, first  # the head alone: min_workers are 0
@@ -199,7 +200,7 @@ def test_generator_scales_out_onto_an_added_node_under_load_and_back_when_idle(
         start_nodes = set(first["nodes"])
         (first_replica,) = first["running"]
 
-        load = Load(urls[0], CLIENTS)
+        load = Load(result["url"], CLIENTS)
         loaded_at = time.monotonic()
         monitor.mark(f"load started: {CLIENTS} clients")
         grown = monitor.wait(lambda s: len(s["running"]) == 2, 180, "a second replica under load")
