@@ -139,6 +139,8 @@ class Engine:
         from pipeline.model.tokenizer import get_tokenizer
 
         model, info = load_export(location, device=device, dtype=dtype)
+        if torch.device(device).type == "cpu":
+            _lm_head_columns_contiguous(model)
         tokenizer = get_tokenizer(info.tokenizer.get("name", "r50k_base"), tokenizer_file)
         if info.tokenizer.get("sha256") not in (None, tokenizer.sha256):
             raise ExportError(f"export {str(location)!r} was made with another {tokenizer.name} file (sha256 differs)")
@@ -506,6 +508,17 @@ class Engine:
             delta.logprobs = lp
         seq.released_chars, seq.released_tokens = releasable, n_tokens
         return delta
+
+
+def _lm_head_columns_contiguous(model: GPT) -> None:
+    """Store the tied embedding / LM-head weight transposed: the same values and the same ``(vocab, d_model)``
+    view, over a ``(d_model, vocab)`` buffer. On CPUs the logits of one row (decoding a single sequence, prefilling
+    one) then take a fraction of the time: the matrix-vector product streams that layout several times faster
+    (r50k x 128 on one thread: 3.4 -> 1.0 ms); batches of rows run the same kernel as before, and the embedding
+    lookup reads strided rows (microseconds). Only for a model the engine owns, never one being trained."""
+    weight = model.transformer.wte.weight
+    model.transformer.wte.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    model.tie_weights()
 
 
 @contextlib.contextmanager

@@ -88,6 +88,23 @@ def test_greedy_equals_huggingface_generate(engine: Engine, prompt_ids: list[lis
     assert len({tuple(c.token_ids) for c in ours}) == len(ours)  # not a degenerate comparison
 
 
+def test_an_exported_model_generates_the_same_with_its_lm_head_stored_transposed(
+    engine: Engine, prompt_ids: list[list[int]], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """from_export stores the tied embedding / LM head transposed on CPUs (one row's logits stream faster): still one
+    Parameter under both names, the same (vocab, d_model) values, the same greedy tokens as the model in memory."""
+    from pipeline.export.format import save_export
+
+    location = save_export(peaky_model(), CFG, tmp_path / "export", get_tokenizer().info())
+    loaded, _ = Engine.from_export(location, max_batch_size=4)
+    head, wte = loaded.model.lm_head.weight, loaded.model.transformer.wte.weight
+    assert head is wte and head.shape == (CFG.vocab_size, CFG.d_model) and head.stride() == (1, CFG.vocab_size)
+    assert torch.equal(head, engine.model.lm_head.weight)
+    for ids in prompt_ids:  # one at a time: each decode step is a single row, the path the layout speeds up
+        ours, reference = (e.generate([ids], GREEDY)[0] for e in (loaded, engine))
+        assert ours.token_ids == reference.token_ids and ours.text == reference.text
+
+
 def test_batched_and_joining_mid_batch_equal_solo(engine: Engine, prompt_ids: list[list[int]]) -> None:
     solo = [Engine(engine.model, engine.tokenizer).generate([p], GREEDY)[0].token_ids for p in prompt_ids]
     assert [c.token_ids for c in engine.generate(prompt_ids, GREEDY)] == solo
