@@ -101,8 +101,45 @@ class Answer:
             self.token_gaps_s = [b - a for a, b in itertools.pairwise(seen)]
 
 
-def drive(call: Callable[[list[int]], Answer], prompts: list[list[int]], concurrency: int) -> dict[str, float]:
-    """``concurrency`` client threads send the prompts (each request waits for its answer)."""
+# The processes of the Serve application, by the titles Ray gives them (matched in /proc/<pid>/cmdline).
+SERVE_PROCESSES = {
+    "replicas": "ServeReplica:raygpt:Generator",
+    "ingress": "ServeReplica:raygpt:Ingress",
+    "proxy": "ProxyActor",
+}
+
+
+def cpu_seconds(titles: dict[str, str]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (``this``) and by the machine's processes whose
+    command line holds each title (summed over its processes); a figure is NaN where /proc cannot tell (not Linux)."""
+    times = os.times()
+    used = {"this": times.user + times.system} | {name: 0.0 for name in titles}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return used | {name: math.nan for name in titles}
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            name = next((n for n, title in titles.items() if title in cmdline), None)
+            if name is None:
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a process that ended meanwhile
+        used[name] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def drive(
+    call: Callable[[list[int]], Answer],
+    prompts: list[list[int]],
+    concurrency: int,
+    processes: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """``concurrency`` client threads send the prompts (each request waits for its answer). ``cpu_ms_<name>``: CPU
+    milliseconds per request of this process and of each of ``processes`` (titles, see :func:`cpu_seconds`)."""
     latencies: list[float] = []
     answers: list[Answer] = []
     lock = threading.Lock()
@@ -115,10 +152,12 @@ def drive(call: Callable[[list[int]], Answer], prompts: list[list[int]], concurr
             latencies.append(elapsed)
             answers.append(answer)
 
+    cpu_before = cpu_seconds(processes or {})
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, prompts))
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds(processes or {})
     result = {
         "tokens_per_s": sum(a.tokens for a in answers) / wall,
         "p50_s": statistics.median(latencies),
@@ -126,6 +165,7 @@ def drive(call: Callable[[list[int]], Answer], prompts: list[list[int]], concurr
         "requests": len(latencies),
         "wall_s": wall,
     }
+    result |= {f"cpu_ms_{name}": (cpu_after[name] - cpu_before[name]) * 1e3 / len(prompts) for name in cpu_before}
     firsts = [a.first_token_s for a in answers if a.first_token_s is not None]
     gaps = [g for a in answers for g in a.token_gaps_s]
     if firsts and gaps:
@@ -316,11 +356,11 @@ def main() -> int:
     prompts = make_prompts(max(levels.values()), 8, min(32, prompt_budget))
     results: dict[str, dict[int, dict[str, float]]] = {}
 
-    def run_levels(name: str, call: Callable[[list[int]], Answer]) -> None:
+    def run_levels(name: str, call: Callable[[list[int]], Answer], processes: dict[str, str] | None = None) -> None:
         call(prompts[0])  # warm up
         results[name] = {}
         for c, n in levels.items():
-            results[name][c] = drive(call, prompts[:n], c)
+            results[name][c] = drive(call, prompts[:n], c, processes)
             r = results[name][c]
             print(
                 f"{name:>16} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s"
@@ -372,8 +412,8 @@ def main() -> int:
             "first_token_s": deployed + (first.first_token_s or 0.0),
         }
         print(f"{name:>16} cold start: deploy {deployed:.1f} s, first token {cold_starts[name]['first_token_s']:.1f} s")
-        run_levels(name, serve_client(url, args.max_tokens, stream=False))
-        run_levels(f"{name}-stream", client)
+        run_levels(name, serve_client(url, args.max_tokens, stream=False), SERVE_PROCESSES)
+        run_levels(f"{name}-stream", client, SERVE_PROCESSES)
         serve.delete(APP_NAME)
     serve.shutdown()
     ray.shutdown()
@@ -411,6 +451,22 @@ def write_results(
                 f"| {name} | {c} | {int(r['requests'])} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} / "
                 f"{r['p99_s']:.2f} | {ttft} | {itl} |"
             )
+    lines += [
+        "",
+        "CPU milliseconds per request, summed over each group of processes while the level ran (Linux /proc): the "
+        "engine and HF rows run in this process; for serve-*, this process is the HTTP client, and the Generator "
+        "replicas, the ingress and Serve's HTTP proxy are Ray worker processes.",
+        "",
+        "| system | concurrency | this process | Generator replicas | ingress | HTTP proxy | all |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_level in results.items():
+        if name.startswith("hf-"):
+            continue
+        for c, r in per_level.items():
+            parts = [r.get(f"cpu_ms_{part}", math.nan) for part in ("this", *SERVE_PROCESSES)]
+            cells = " | ".join("-" if math.isnan(v) else f"{v:.1f}" for v in parts)
+            lines.append(f"| {name} | {c} | {cells} | {sum(v for v in parts if not math.isnan(v)):.1f} |")
     for name, cold in cold_starts.items():
         lines.append("")
         lines.append(
