@@ -1,8 +1,9 @@
 """The ``Generator`` deployment: one export, one continuous-batching :class:`~pipeline.inference.engine.Engine`.
 
 A loop on a thread of its own steps the engine while it has work, handing each step's output to the replica's
-event loop without waiting for it; new sequences join the running batch at the next step and finished ones leave
-it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream, first a
+event loop without waiting for it (of a request that does not stream, only its first token and, merged on that
+thread, the rest once its sequence finishes); new sequences join the running batch at the next step and finished
+ones leave it at once. The ingress sends :class:`SequenceRequest` objects and receives, as a stream, first a
 :class:`ReplicaInfo`, then lists of ``(sequence index, Delta)`` (with ``stream=False`` an empty list when the
 request's first token is generated, so the ingress can time it, then one list at the end with each sequence's
 merged output). An engine failure fails the sequences in flight and the loop goes on; should the loop itself
@@ -48,6 +49,17 @@ class ReplicaInfo:
     export_sha256: str
 
 
+@dataclass
+class _Attached:
+    """A sequence's request: the queue its outputs go to on the event loop and, unless the request streams, the
+    output merged on the engine thread since the last delivery (only that thread touches ``pending``)."""
+
+    queue: asyncio.Queue[Delta | EngineFailure]
+    stream: bool
+    pending: Delta | None = None
+    started: bool = False  # the sequence's first token was delivered
+
+
 GAUGE_INTERVAL_S = 0.5  # the engine's gauges go to Ray's metrics this often while it steps (and when it idles)
 
 
@@ -80,7 +92,7 @@ class Generator:
         )
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._queues: dict[int, asyncio.Queue[Delta | EngineFailure]] = {}
+        self._attached: dict[int, _Attached] = {}
         self._work = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop_error: BaseException | None = None
@@ -124,27 +136,50 @@ class Generator:
                 failure = EngineFailure(f"{type(exc).__name__}: {exc}")
                 loop.call_soon_threadsafe(self._deliver, [(seq_id, failure) for seq_id in self.engine.reset()])
                 continue
-            loop.call_soon_threadsafe(self._deliver, [(delta.seq_id, delta) for delta in deltas])
+            ready = self._ready(deltas)
+            if ready:
+                loop.call_soon_threadsafe(self._deliver, ready)
             now = time.monotonic()
             if now - recorded >= GAUGE_INTERVAL_S:
                 self._gauges.record(self.engine_stats())
                 recorded = now
 
+    def _ready(self, deltas: list[Delta]) -> list[tuple[int, Delta | EngineFailure]]:
+        """On the engine thread: what the event loop must see of a step's deltas. A streamed sequence's every delta;
+        of the others, the delta with the first token (the request's first-token notice) and, merged, all the rest
+        once the sequence finishes, so that a request that does not stream wakes the event loop twice per
+        sequence rather than at every step."""
+        ready: list[tuple[int, Delta | EngineFailure]] = []
+        for delta in deltas:
+            attached = self._attached.get(delta.seq_id)
+            if attached is None or attached.stream:  # None: not attached yet (or gone), the event loop decides
+                ready.append((delta.seq_id, delta))
+                continue
+            if attached.pending is None:
+                attached.pending = delta
+            else:
+                attached.pending.merge(delta)
+            if delta.finish_reason is not None or (not attached.started and delta.completion_tokens > 0):
+                attached.started = True
+                ready.append((delta.seq_id, attached.pending))
+                attached.pending = None
+        return ready
+
     def _deliver(self, items: list[tuple[int, Delta | EngineFailure]]) -> None:
         """On the event loop: each delta (or failure) to the queue of the request its sequence belongs to."""
         for seq_id, item in items:
-            queue = self._queues.get(seq_id)
-            if queue is not None:
-                queue.put_nowait(item)
+            attached = self._attached.get(seq_id)
+            if attached is not None:
+                attached.queue.put_nowait(item)
 
     def _fail_attached(self, failure: EngineFailure) -> None:
         """On the event loop: end every attached request with ``failure`` (nothing steps their sequences now)."""
-        for queue in {id(q): q for q in self._queues.values()}.values():
+        for queue in {id(a.queue): a.queue for a in self._attached.values()}.values():
             queue.put_nowait(failure)
 
     def stats(self) -> dict[str, Any]:
         """Sequences running and waiting in this replica's engine, and requests attached to it."""
-        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "attached": len(self._queues)}
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "attached": len(self._attached)}
 
     def engine_stats(self) -> EngineStats:
         """This replica's engine figures, for the ingress's ``/metrics`` (and Ray's, after every step)."""
@@ -177,7 +212,7 @@ class Generator:
             for i, seq in enumerate(sequences):
                 seq_id = self.engine.add(seq.prompt_ids, seq.params, seq.prompt_text)
                 index[seq_id] = i
-                self._queues[seq_id] = queue
+                self._attached[seq_id] = _Attached(queue, stream)
             self._ensure_loop()
             remaining = len(index)
             merged = [Delta(seq_id) for seq_id in index]
@@ -205,5 +240,5 @@ class Generator:
                 yield list(enumerate(merged))
         finally:
             for seq_id in index:
-                if self._queues.pop(seq_id, None) is not None:
+                if self._attached.pop(seq_id, None) is not None:
                     self.engine.abort(seq_id)  # a no-op for finished sequences
