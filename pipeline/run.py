@@ -61,7 +61,7 @@ def _run_pipeline(config: PipelineConfig, serve: bool, exit_after_sample: bool, 
     from pipeline.raycluster import connect
     from pipeline.train.driver import finetune, pretrain
 
-    connect(config.run)
+    connect(config.run, config.serve)  # a local Ray starts in the mode its endpoint will serve in
     timings: dict[str, float] = {}
     started_all = time.perf_counter()
 

@@ -39,9 +39,18 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(config: Any) -> None:
-    """Refuse to bind a non-loopback ``serve.host`` with no API key, unless ``serve.allow_unauthenticated``."""
+    """Refuse to serve with no API key where the endpoint is reachable beyond this machine (a non-loopback
+    ``serve.host``, or ``serve.high_throughput``), unless ``serve.allow_unauthenticated``."""
     s = config.serve
-    if is_loopback(s.host) or s.resolved_api_key() is not None or s.allow_unauthenticated:
+    if s.resolved_api_key() is not None or s.allow_unauthenticated:
+        return
+    if s.high_throughput:
+        raise ConfigError(
+            "serve.high_throughput: each ingress replica also answers HTTP on a port of its own (30000-31000) on "
+            f"every interface, whatever serve.host says; set ${API_KEY_ENV} (or serve.api_key), or "
+            "serve.allow_unauthenticated: true if a firewall keeps those ports private"
+        )
+    if is_loopback(s.host):
         return
     raise ConfigError(
         f"serve.host: {s.host!r} would expose the endpoint beyond this machine with no API key; set "
@@ -156,7 +165,7 @@ def deploy(config: Any, export: str | None = None) -> str:
     from pipeline.raycluster import connect
 
     app = build_app(config, resolve_export(config, export))
-    connect(config.run)
+    connect(config.run, config.serve)
     check_binding(config)
     serve.start(http_options=http_options(config))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
