@@ -6,20 +6,14 @@ all, HAProxy included."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from helpers import REPO
-from helpers.cluster import TAG_VAR, free_ports, tagged_pids
-from helpers.serve import sse_events
+from helpers.cluster import free_ports, tagged_pids
+from helpers.serve import raygpt_serve, sse_events
 
 from pipeline.config import API_KEY_ENV, ConfigError, PipelineConfig
 
@@ -52,23 +46,11 @@ def _command_line(pid: int) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="HAProxy is built for Linux; finds it via /proc")
 def test_raygpt_serve_in_high_throughput_mode_answers_openai_clients(tmp_path: Path, exports: dict[str, str]) -> None:
     (port,) = free_ports(1)
-    tag = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
-    env |= {TAG_VAR: tag, API_KEY_ENV: KEY}  # the tag marks every process of the local Ray it starts
-    command = [sys.executable, "-m", "pipeline", "serve", "--set", f"run.dir={tmp_path}", "--export", exports["a"]]
-    command += ["--set", f"serve.port={port}", "--set", "serve.high_throughput=true"]
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    args = ["--export", exports["a"], "--set", f"serve.port={port}", "--set", "serve.high_throughput=true"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None and "Ctrl-C stops" not in log.read_text():
-            time.sleep(1)
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert any("haproxy" in _command_line(pid) for pid in tagged_pids(tag)), "no HAProxy among the Ray processes"
+    with raygpt_serve(tmp_path, args, {API_KEY_ENV: KEY}) as served:
+        ray_processes = tagged_pids(served.tag)
+        assert any("haproxy" in _command_line(pid) for pid in ray_processes), "no HAProxy among the Ray processes"
 
         auth = {"Authorization": f"Bearer {KEY}"}
         body = {"model": "raygpt", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}
@@ -84,16 +66,4 @@ def test_raygpt_serve_in_high_throughput_mode_answers_openai_clients(tmp_path: P
         refused = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2}, timeout=60)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
 
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=180)
-        output = log.read_text()
-        assert process.returncode == 0, output[-3000:]
-        deadline = time.monotonic() + 60
-        while tagged_pids(tag) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert tagged_pids(tag) == []
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        for pid in tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
+        served.ctrl_c(timeout_s=180)

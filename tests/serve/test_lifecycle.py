@@ -4,19 +4,13 @@ Serve instance bound elsewhere is refused rather than printing a URL that does n
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import REPO
-from helpers.cluster import TAG_VAR, free_ports, tagged_pids
-from helpers.serve import serve_config
+from helpers.cluster import free_ports, tagged_pids
+from helpers.serve import raygpt_serve, serve_config
 from ray import serve
 
 from pipeline.config import ConfigError
@@ -64,37 +58,9 @@ def test_deploying_onto_serve_bound_elsewhere_is_refused(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes it started through /proc")
 def test_ctrl_c_stops_the_endpoint_and_the_local_ray_it_started(tmp_path: Path, exports: dict[str, str]) -> None:
     (port,) = free_ports(1)
-    tag = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env[TAG_VAR] = tag  # inherited by every process of the local Ray it starts
-    command = [sys.executable, "-m", "pipeline", "serve", "--set", f"run.dir={tmp_path}"]
-    command += ["--set", f"serve.port={port}", "--export", exports["a"]]
-    log = tmp_path / "serve.log"
-    # Its own session and process group, like a shell job in a terminal: Ctrl-C goes to the whole group.
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None and "Ctrl-C stops" not in log.read_text():
-            time.sleep(1)
-        assert process.poll() is None, log.read_text()[-3000:]
+    with raygpt_serve(tmp_path, ["--set", f"serve.port={port}", "--export", exports["a"]]) as served:
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
-        assert len(tagged_pids(tag)) > 3  # the driver, and the local Ray's processes
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=120)
-        output = log.read_text()
-        assert process.returncode == 0, output[-3000:]
-        assert "endpoint stopped" in output
-        deadline = time.monotonic() + 60
-        while tagged_pids(tag) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert tagged_pids(tag) == []
+        assert len(tagged_pids(served.tag)) > 3  # the driver, and the local Ray's processes
+        assert "endpoint stopped" in served.ctrl_c(timeout_s=120)
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        for pid in tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
